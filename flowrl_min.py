@@ -1,0 +1,659 @@
+"""FlowRL, minimal: reward-distribution matching RL for LLMs (Zhu et al., arXiv 2509.15207).
+
+GRPO and PPO maximise reward and collapse onto one dominant mode. FlowRL instead matches the target
+    p*(y|x) ∝ exp(β·r̂(x,y)) · π_ref(y|x)
+by minimising, for each of the G responses y_i sampled per prompt x (trajectory balance, Eq. 5-6):
+    δ_i = log Z_φ(x) + (1/|y_i|) Σ_t log π_θ(y_i,t|x,y_i,<t) − β·r̂_i − (1/|y_i|) Σ_t log π_ref(y_i,t|x,y_i,<t)
+    L   = mean_i  w_i · δ_i²,      w_i = clip(exp Σ_t (log π_θ − log π_old), 1−ε, 1+ε)  (detached)
+with r̂ the group-normalised reward, log Z_φ a 3-layer MLP on the policy's prompt hidden states,
+β = 15, ε = 0.2. The GRPO baseline shares everything here but the loss (--algo grpo).
+
+    pip install -r requirements.txt
+    python flowrl_min.py                          # tiny Qwen2 on the toy `modes` task, offline, ~1 min CPU
+    python flowrl_min.py --algo grpo              # the GRPO baseline, everything else identical
+    python flowrl_min.py --model Qwen2.5-0.5B     # a real model (hub id or local dir) on `arith`
+    python toy_tasks.py                           # FlowRL keeps every mode, GRPO collapses (figure)
+    pytest -q
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from datasets import Dataset, load_dataset
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
+
+RewardFn = Callable[[str, str], float]
+TOY_TASKS = ("modes", "graded")
+
+
+# ----------------------------------------------------------------------------- config
+def opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    model: str = opt("tiny", "'tiny' (random Qwen2, offline), a hub id (bare 'Qwen2.5-0.5B' means Qwen/...) or a local dir")
+    dataset: str = opt("auto", "auto | modes | graded | arith | gsm8k | a .jsonl/.json/.csv/.parquet file (question, answer)")
+    algo: str = opt("flowrl", "flowrl | grpo")
+    steps: int = opt(None, "rollout batches (default: 100 on the tiny model, 50 otherwise)")
+    prompts: int = opt(4, "prompts per rollout batch")
+    group_size: int = opt(8, "G: responses sampled per prompt")
+    max_new_tokens: int = opt(None, "response length limit (default: 4 on toy tasks, 128 otherwise)")
+    temperature: float = opt(1.0, "sampling temperature; log-probs use logits / temperature too")
+    top_p: float = opt(1.0, "nucleus sampling; keep 1.0 so samples come from the π whose log-probs we train")
+    beta: float = opt(15.0, "β: reward temperature of the target distribution")
+    clip_low: float = opt(0.8, "lower clip of the importance weight w (paper: 1-ε)")
+    clip_high: float = opt(1.2, "upper clip of w (paper: 1+ε; official code: inf; newest veRL: 10)")
+    length_norm: bool = opt(True, "divide log-prob sums by |y| (--no-length-norm for the ablation)")
+    clip_eps: float = opt(0.2, "GRPO ratio clip ε")
+    kl_coef: float = opt(0.001, "GRPO k3 KL-to-reference coefficient")
+    lr: float = opt(None, "policy learning rate (default: 1e-6 as in the paper; 3e-4 on the tiny model)")
+    logz_lr: float = opt(None, "log Z head learning rate (default: the policy's; 1e-2 on the tiny model)")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    warmup_steps: int = opt(10, "linear learning-rate warm-up, in optimiser steps")
+    epochs: int = opt(1, "passes over each rollout batch")
+    mini_batches: int = opt(1, "optimiser steps per pass (w ≠ 1 from the second one on)")
+    micro_batch: int = opt(32, "sequences per forward/backward (gradient accumulation)")
+    grad_ckpt: bool = opt(False, "gradient checkpointing: less memory, one more forward")
+    eval_every: int = opt(25, "evaluate every N steps (0: only at the end)")
+    eval_prompts: int = opt(16, "held-out prompts per evaluation")
+    eval_k: int = opt(8, "samples per held-out prompt (mean accuracy and pass@k)")
+    save_every: int = opt(0, "also save a checkpoint every N steps (0: only at the end)")
+    out: str = opt("out", "output directory: metrics.jsonl and checkpoint/")
+    seed: int = opt(0, "seed for weights, data order and sampling")
+    check_batch: str = opt("", "a torch.save'd dict of tensors: print our losses and gradients for it, then exit")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(p.parse_args(argv)))
+    tiny = cfg.model == "tiny"
+    cfg.dataset = ("modes" if tiny else "arith") if cfg.dataset == "auto" else cfg.dataset
+    cfg.steps = cfg.steps if cfg.steps is not None else 100 if tiny else 50
+    cfg.max_new_tokens = cfg.max_new_tokens or (4 if cfg.dataset in TOY_TASKS else 128)
+    cfg.lr = cfg.lr if cfg.lr is not None else 3e-4 if tiny else 1e-6
+    cfg.logz_lr = cfg.logz_lr if cfg.logz_lr is not None else 1e-2 if tiny else cfg.lr
+    checks = [(cfg.algo in ("flowrl", "grpo"), f"--algo must be flowrl or grpo, not {cfg.algo!r}"),
+              (cfg.group_size >= 2, "--group-size must be at least 2: group normalisation needs 2 responses"),
+              (min(cfg.steps, cfg.prompts, cfg.max_new_tokens, cfg.epochs, cfg.mini_batches, cfg.micro_batch) > 0,
+               "--steps, --prompts, --max-new-tokens, --epochs, --mini-batches and --micro-batch must be positive"),
+              (cfg.lr > 0 and cfg.logz_lr > 0, "--lr and --logz-lr must be positive"),
+              (cfg.temperature > 0 and 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
+              (cfg.eval_k > 0 and cfg.eval_prompts > 0, "--eval-k and --eval-prompts must be positive"),
+              (not os.path.isfile(cfg.out), f"--out {cfg.out} is an existing file; give a directory path")]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    return cfg
+
+
+def die(msg: str):
+    """Stop with one clear line on stderr and exit status 1 (no traceback)."""
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------- model
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_tiny_model(seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random 2-layer Qwen2 (about 0.1M parameters) and a byte-level BPE tokenizer trained in-process.
+
+    Qwen2's NFC normaliser and split regex make digits single tokens and let AutoTokenizer reload it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    import toy_tasks  # the tokenizer's corpus: the questions of every built-in task
+
+    corpus = [r["question"] for r in toy_tasks.make_task("modes")[0]] + list(arith_dataset(200, seed)["question"])
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus + ["user assistant system"], trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=CHATML, padding_side="left")
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    return Qwen2ForCausalLM(config), tokenizer
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The policy π_θ and its tokenizer: the tiny model, a local directory, or a hub id (cache first)."""
+    if name == "tiny":
+        model, tokenizer = build_tiny_model(seed)
+    else:
+        if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+            die(f"--model {name}: no such directory")
+        repo = os.path.expanduser(name) if os.path.isdir(os.path.expanduser(name)) else name if "/" in name else f"Qwen/{name}"
+        local = os.path.isdir(repo)
+        try:  # the local cache first: no network, no retries
+            tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(repo, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            if local:
+                die(f"--model {name}: cannot load a model from this directory ({str(e).splitlines()[0]})")
+            if not hub_reachable():
+                die(f"--model {name}: {repo} is not in the local cache and the Hugging Face hub cannot be reached; "
+                    f"pass a local model directory (--model path/to/dir) or use --model tiny")
+            tokenizer = AutoTokenizer.from_pretrained(repo)
+            model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    for m in model.modules():  # RL on LLMs runs without dropout: sampled and trained log-probs must agree
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model, tokenizer
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and the generation config's (e.g. <|im_end|>)."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids + [tokenizer.eos_token_id]))
+
+
+class LogZ(nn.Module):
+    """log Z_φ(x): a 3-layer MLP on the masked mean of the policy's last hidden states over prompt tokens.
+
+    Not detached: its gradient flows into the LM, as in the paper. (N, L, H), (N, L) -> (N,)"""
+
+    def __init__(self, hidden: int, dropout: float = 0.1):
+        super().__init__()
+        block = lambda: [nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(dropout)]  # noqa: E731
+        self.net = nn.Sequential(*block(), *block(), nn.Linear(hidden, 1))
+
+    def forward(self, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        m = prompt_mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (N, H)
+        return self.net(pooled.float()).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- data
+MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def arith_dataset(n: int, seed: int) -> Dataset:
+    """Procedural arithmetic with exact integer answers: 'What is 37 * 12?' -> '444'."""
+    rng = random.Random(seed)
+    qs, ans = [], []
+    for _ in range(n):
+        a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice("+-*")
+        qs.append(f"What is {a} {op} {b}?")
+        ans.append(str(a + b if op == "+" else a - b if op == "-" else a * b))
+    return Dataset.from_dict({"question": qs, "answer": ans})
+
+
+def load_file_dataset(path: str) -> Dataset:
+    builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(path)[1])
+    if not os.path.isfile(path):
+        die(f"--dataset {path}: no such file (or use arith, gsm8k, modes, graded)")
+    if builder is None:
+        die(f"--dataset {path}: use a .jsonl, .json, .csv or .parquet file")
+    try:
+        ds = load_dataset(builder, data_files=path, split="train")
+    except Exception as e:  # a malformed file: say which, not a datasets traceback
+        die(f"--dataset {path}: cannot be read as {builder} ({str(e).splitlines()[0][:200]})")
+    missing = [c for c in ("question", "answer") if c not in ds.column_names]
+    if missing:
+        die(f"--dataset {path}: missing column(s) {', '.join(missing)}; found {', '.join(ds.column_names) or 'none'}")
+    return ds
+
+
+def load_data(cfg: Config) -> tuple[Dataset, Dataset, RewardFn]:
+    """Train and held-out prompts (columns question, answer) and the task's reward function."""
+    if cfg.dataset in TOY_TASKS:
+        import toy_tasks
+        return toy_tasks.make_task(cfg.dataset)
+    if cfg.dataset == "arith":
+        train, test = arith_dataset(5000, cfg.seed), arith_dataset(500, cfg.seed + 1)
+    elif cfg.dataset == "gsm8k":
+        if not hub_reachable() and os.environ.get("HF_DATASETS_OFFLINE") != "1":
+            die("--dataset gsm8k: the Hugging Face hub cannot be reached; set HF_DATASETS_OFFLINE=1 to use a cached "
+                "copy, or pass a local .jsonl file with question/answer columns, or --dataset arith")
+        gsm = load_dataset("openai/gsm8k", "main")
+        train, test = (gsm[s].map(lambda r: {"answer": r["answer"].split("####")[-1].strip()}) for s in ("train", "test"))
+    else:
+        ds = load_file_dataset(cfg.dataset).map(lambda r: {"question": str(r["question"]), "answer": str(r["answer"])})
+        if len(ds) == 0:
+            die(f"--dataset {cfg.dataset}: the file has no rows")
+        n_eval = min(100, len(ds) // 5)
+        split = ds.train_test_split(test_size=n_eval, seed=cfg.seed) if n_eval else {"train": ds, "test": ds}
+        train, test = split["train"], split["test"]
+    add = lambda r: {"question": r["question"] + MATH_INSTRUCTION}  # noqa: E731
+    return train.map(add), test.map(add), math_reward
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """The chat template when the tokenizer has one, else a plain 'Question/Answer' format."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"Question: {question}\nAnswer:"
+
+
+# ----------------------------------------------------------------------------- reward
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, nested braces included; None if there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def parse_number(s: str) -> Fraction | None:
+    """Exactly one number in s ('1,234', '-3.50', '3/4', '\\frac{3}{4}'), else None ('', '3 or 4')."""
+    s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", s).replace("$", "").replace(" ", "")
+    found = NUMBER.findall(s)
+    return Fraction(found[0].replace(",", "")) if len(found) == 1 else None
+
+
+def extract_answer(text: str) -> Fraction | None:
+    """The final answer: the last \\boxed{}, else the number after '####', else the last number."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return parse_number(boxed)
+    if "####" in text:
+        return parse_number(text.split("####")[-1].strip().split()[0] if text.split("####")[-1].strip() else "")
+    found = NUMBER.findall(text)
+    return parse_number(found[-1]) if found else None
+
+
+def math_reward(completion: str, answer: str) -> float:
+    """r(x, y): 1.0 if the final answer equals the reference numerically, else 0.0."""
+    got, want = extract_answer(completion), parse_number(answer)
+    return float(got is not None and got == want)
+
+
+def score_completions(reward_fn: RewardFn, completions: list[str], answers: list[str]) -> tuple[torch.Tensor, str]:
+    """Rewards (N,); a reward function that raises (or returns a non-number) scores 0, and is reported."""
+    rewards, error = [], ""
+    for c, a in zip(completions, answers):
+        try:
+            r = float(reward_fn(c, a))
+            if not math.isfinite(r):
+                raise ValueError(f"non-finite reward {r}")
+        except Exception as e:
+            r, error = 0.0, error or f"{type(e).__name__}: {e} (completion {c!r})"
+        rewards.append(r)
+    return torch.tensor(rewards), error
+
+
+# ----------------------------------------------------------------------------- losses
+def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """r̂_i = (r_i − mean_group) / (std_group + eps), unbiased std; a constant group gets 0. (N,) -> (N,)"""
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"group_size must be >= 2 and divide {rewards.numel()} rewards, got {group_size}")
+    g = rewards.view(-1, group_size).float()  # (N/G, G)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1; values at masked-out positions (even inf/nan) never leak."""
+    x = torch.where(mask.bool(), x, 0.0)
+    return x.sum() / mask.sum().clamp(min=1) if dim is None else x.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                log_z: torch.Tensor, adv: torch.Tensor, beta: float = 15.0, clip_low: float = 0.8,
+                clip_high: float = 1.2, length_norm: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_FlowRL = mean_i w_i · δ_i² (trajectory balance with length normalisation and importance weights).
+
+    logp, old_logp, ref_logp: per-token log π_θ, π_old, π_ref (N, T); mask: 1.0 on response tokens (N, T);
+    log_z: log Z_φ(x_i) (N,); adv: r̂_i (N,). length_norm=False uses token sums (the unstable ablation)."""
+    mean = (lambda x: masked_mean(x, mask, -1)) if length_norm else (lambda x: torch.where(mask.bool(), x, 0.0).sum(-1))
+    delta = log_z + mean(logp) - beta * adv - mean(ref_logp)  # δ_i (N,)
+    log_w = torch.where(mask.bool(), logp - old_logp, 0.0).sum(-1).detach()  # log of the sequence ratio (N,)
+    w = log_w.exp().clamp(clip_low, clip_high)  # w_i, detached (N,)
+    loss = (w * delta.pow(2)).mean()
+    with torch.no_grad():
+        stats = {"loss": loss.item(), "log_z": log_z.mean().item(), "log_reward": (beta * adv).mean().item(),
+                 "delta_abs": delta.abs().mean().item(), "w": w.mean().item(),
+                 "logp": masked_mean(logp, mask).item(), "old_logp": masked_mean(old_logp, mask).item(),
+                 "ref_logp": masked_mean(ref_logp, mask).item(),
+                 "ppo_kl": masked_mean(old_logp - logp, mask).item(), "ref_kl": masked_mean(ref_logp - logp, mask).item()}
+    return loss, stats
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+              adv: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.001) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO as in veRL: clipped surrogate with Â_i = r̂_i on every token, plus kl_coef · k3 KL to π_ref,
+    averaged over all response tokens of the batch ("token-mean"). Shapes as in flowrl_loss."""
+    ratio = torch.exp(torch.where(mask.bool(), logp - old_logp, 0.0))  # ρ (N, T)
+    a = adv.unsqueeze(-1)  # (N, 1)
+    surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    log_r = torch.where(mask.bool(), ref_logp - logp, 0.0)
+    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(π_θ ‖ π_ref), per token
+    loss = masked_mean(surrogate + kl_coef * kl, mask)
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {"loss": loss.item(), "kl": masked_mean(kl, mask).item(), "clipfrac": masked_mean(clipped, mask).item(),
+                 "logp": masked_mean(logp, mask).item(), "ref_logp": masked_mean(ref_logp, mask).item(),
+                 "ppo_kl": masked_mean(old_logp - logp, mask).item(), "ref_kl": masked_mean(ref_logp - logp, mask).item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- sampling and scoring
+@dataclass
+class Rollouts:
+    input_ids: torch.Tensor  # (N, P+T): left-padded prompt, then the sampled response
+    attention_mask: torch.Tensor  # (N, P+T): prompt padding and everything after the first EOS are 0
+    n_prompt: int  # P
+    completions: list[str]  # N decoded responses
+
+    @property
+    def mask(self) -> torch.Tensor:  # the response mask (N, T)
+        return self.attention_mask[:, self.n_prompt:].float()
+
+
+def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 on every generated token up to and including the first EOS, 0 after it. (N, T) -> (N, T) long"""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int],
+           n: int) -> Rollouts:
+    """n responses per prompt with the KV cache; responses of prompt j are rows j·n .. j·n+n−1."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
+    enc = enc.to(model.device)
+    gen = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                           max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
+                           eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    model.eval()
+    with autocast(model.device):
+        seq = model.generate(**enc, generation_config=gen)  # (N, P+T)
+    P = enc["input_ids"].shape[1]
+    resp_mask = response_mask(seq[:, P:], eos_ids)
+    attn = torch.cat([enc["attention_mask"].repeat_interleave(n, 0), resp_mask], 1)
+    keep = resp_mask.bool() & ~torch.isin(seq[:, P:], torch.tensor(eos_ids, device=seq.device))
+    # decode exactly what was generated before EOS: a stray special token must not vanish from the text
+    completions = [tokenizer.decode(row[k]) for row, k in zip(seq[:, P:], keep)]
+    return Rollouts(seq, attn, P, completions)
+
+
+def sequence_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      n_response: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_t | x, y_<t) by teacher forcing, logits / temperature, LM head only on response positions.
+
+    Returns per-token log-probs (N, T) and the last hidden states (N, L, H) for log Z, from one forward."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    with autocast(input_ids.device):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state  # (N, L, H)
+        logits = model.get_output_embeddings()(hidden[:, -n_response - 1:-1]).float() / temperature  # (N, T, V)
+    targets = input_ids[:, -n_response:].unsqueeze(-1)
+    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1), hidden
+
+
+@torch.inference_mode()
+def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> torch.Tensor:
+    """Per-token log-probs (N, T) of rollouts under a model, in micro-batches, without a graph."""
+    model.eval()
+    T = r.input_ids.shape[1] - r.n_prompt
+    return torch.cat([sequence_logprobs(model, r.input_ids[i:i + cfg.micro_batch],
+                                        r.attention_mask[i:i + cfg.micro_batch], T, cfg.temperature)[0]
+                      for i in range(0, len(r.completions), cfg.micro_batch)])
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def distinct_answers(completions: list[str], group_size: int) -> float:
+    """Mean number of distinct final answers per group of responses."""
+    groups = [completions[i:i + group_size] for i in range(0, len(completions), group_size)]
+    return statistics.mean(len({extract_answer(c) for c in g} - {None}) for g in groups)
+
+
+def evaluate(model: PreTrainedModel, tokenizer, eval_ds: Dataset, reward_fn: RewardFn, cfg: Config,
+             eos_ids: list[int]) -> dict[str, float]:
+    """Held-out prompts, k samples each: mean accuracy, unbiased pass@k for k = 1, 2, 4, ..., distinct answers."""
+    rows = eval_ds.select(range(min(cfg.eval_prompts, len(eval_ds))))
+    k = cfg.eval_k
+    r = sample(model, tokenizer, [format_prompt(tokenizer, q) for q in rows["question"]], cfg, eos_ids, k)
+    rewards, _ = score_completions(reward_fn, r.completions, [a for a in rows["answer"] for _ in range(k)])
+    correct = (rewards.view(-1, k) >= 1.0).sum(1).tolist()
+    out = {"eval_acc": (rewards >= 1.0).float().mean().item(), "eval_distinct": distinct_answers(r.completions, k)}
+    for j in [2 ** i for i in range(k.bit_length()) if 2 ** i <= k]:
+        out[f"eval_pass@{j}"] = statistics.mean(pass_at_k(k, c, j) for c in correct)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def save_checkpoint(out: str, model: PreTrainedModel, tokenizer, logz: LogZ | None, cfg: Config) -> str:
+    """Write <out>/checkpoint atomically: into a temporary directory first, then renamed into place."""
+    final, tmp = os.path.join(out, "checkpoint"), tempfile.mkdtemp(dir=out, prefix=".checkpoint-")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if logz is not None:
+        torch.save(logz.state_dict(), os.path.join(tmp, "logz.pt"))
+    with open(os.path.join(tmp, "flowrl_config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    old = final + ".old"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eval_ds: Dataset, reward_fn: RewardFn,
+          on_step: Callable[[int, PreTrainedModel], dict] | None = None) -> list[dict]:
+    """The FlowRL (or GRPO) loop: sample G responses per prompt, score them, then update π_θ and log Z_φ.
+
+    Writes <out>/metrics.jsonl (one line per step) and <out>/checkpoint; returns the metrics."""
+    device = model.device
+    ref = copy.deepcopy(model).eval().requires_grad_(False)  # π_ref: frozen snapshot of the initial policy
+    logz = LogZ(model.config.hidden_size).to(device) if cfg.algo == "flowrl" else None
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    groups = [{"params": decay, "lr": cfg.lr}, {"params": [p for p in model.parameters() if p.dim() < 2],
+                                                 "lr": cfg.lr, "weight_decay": 0.0}]
+    if logz is not None:  # shares the optimiser (as in the official code), with its own learning rate
+        groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_enable()
+    eos_ids = eos_token_ids(model, tokenizer)
+    eos_t = torch.tensor(eos_ids, device=device)
+    G, on_policy = cfg.group_size, cfg.epochs == 1 and cfg.mini_batches == 1
+    os.makedirs(cfg.out, exist_ok=True)
+    log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
+    order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    history, warned = [], False
+    bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo, dynamic_ncols=True, disable=None)
+    try:
+        for step in bar:
+            # 1. sample G responses for each of `prompts` prompts and score them with the rule-based reward
+            t0 = time.perf_counter()
+            idx = [order[((step - 1) * cfg.prompts + j) % len(order)] for j in range(cfg.prompts)]
+            rows = train_ds.select(idx)
+            r = sample(model, tokenizer, [format_prompt(tokenizer, q) for q in rows["question"]], cfg, eos_ids, G)
+            rewards, error = score_completions(reward_fn, r.completions, [a for a in rows["answer"] for _ in range(G)])
+            if error and not warned:
+                tqdm.write(f"warning: the reward function failed, scoring 0 (reported once): {error}")
+                warned = True
+            adv = group_normalize(rewards, G).to(device)  # r̂ (N,)
+            t1 = time.perf_counter()
+            # 2. π_ref once per rollout batch; π_old only when it differs from the policy being updated
+            mask = r.mask  # (N, T)
+            ref_logp = score(ref, r, cfg)
+            old_all = None if on_policy else score(model, r, cfg)
+            t2 = time.perf_counter()
+            # 3. epochs × mini-batches optimiser steps, each accumulated over micro-batches
+            model.train()
+            stats_sum: dict[str, float] = {}
+            n_updates = cfg.epochs * cfg.mini_batches
+            for _ in range(cfg.epochs):
+                perm = torch.randperm(len(adv)) if cfg.mini_batches > 1 else torch.arange(len(adv))
+                for mb in perm.chunk(cfg.mini_batches):
+                    mb_tokens = mask[mb].sum().clamp(min=1)
+                    for mi in mb.split(cfg.micro_batch):
+                        T = mask.shape[1]
+                        logp, hidden = sequence_logprobs(model, r.input_ids[mi], r.attention_mask[mi], T, cfg.temperature)
+                        old = logp.detach() if on_policy else old_all[mi]
+                        if logz is not None:
+                            log_z = logz(hidden[:, :r.n_prompt], r.attention_mask[mi, :r.n_prompt])
+                            loss, st = flowrl_loss(logp, old, ref_logp[mi], mask[mi], log_z, adv[mi], cfg.beta,
+                                                   cfg.clip_low, cfg.clip_high, cfg.length_norm)
+                            frac = len(mi) / len(mb)  # sequence-mean over the mini-batch
+                        else:
+                            loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi], cfg.clip_eps, cfg.kl_coef)
+                            frac = (mask[mi].sum() / mb_tokens).item()  # token-mean over the mini-batch
+                        if not math.isfinite(st["loss"]):
+                            die(f"step {step}: the loss is {st['loss']} (non-finite); lower --lr or --beta")
+                        (loss * frac).backward()
+                        for k, v in st.items():
+                            stats_sum[k] = stats_sum.get(k, 0.0) + v * frac / n_updates
+                    params = [p for g in opt.param_groups for p in g["params"]]
+                    stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + float(
+                        nn.utils.clip_grad_norm_(params, 1.0)) / n_updates
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            lengths = mask.sum(-1)
+            m = {"step": step, "reward": rewards.mean().item(), "accuracy": (rewards >= 1.0).float().mean().item(),
+                 **stats_sum, "response_len": lengths.mean().item(),
+                 "truncated": 1 - torch.isin(r.input_ids[:, r.n_prompt:], eos_t).any(-1).float().mean().item(),
+                 "distinct": distinct_answers(r.completions, G), "gen_tokens": int(lengths.sum()),
+                 "gen_s": t1 - t0, "ref_s": t2 - t1, "update_s": t3 - t2}
+            bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                die(f"step {step}: non-finite {', '.join(bad)}; lower --lr or --beta")
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                m.update(evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids))
+            if on_step is not None:
+                m.update(on_step(step, model))
+            history.append(m)
+            log_file.write(json.dumps(m) + "\n")
+            log_file.flush()
+            bar.set_postfix(reward=f"{m['reward']:.2f}", logZ=f"{m.get('log_z', 0):.2f}", loss=f"{m['loss']:.3f}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
+    except KeyboardInterrupt:
+        tqdm.write(f"interrupted after {len(history)} steps: saving and exiting")
+    finally:
+        log_file.close()
+    save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
+    return history
+
+
+def summarize(history: list[dict], device: torch.device) -> str:
+    """The run's last metrics, its median step time split by phase (steps 2+), and its peak memory."""
+    if not history:
+        return "no step finished"
+    timed = history[1:] or history
+    med = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "ref_s", "update_s")}
+    tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
+    last = history[-1]
+    evals = [h for h in history if "eval_acc" in h]
+    lines = [f"steps {len(history)}  reward {history[0]['reward']:.3f} -> {last['reward']:.3f}  "
+             f"distinct answers/group {last['distinct']:.2f}"]
+    if evals:
+        lines.append("held-out " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in evals[-1].items() if k.startswith("eval_")))
+    lines.append(f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, "
+                 f"update {med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, "
+                 f"peak {'GPU' if device.type == 'cuda' else 'RSS'} memory {peak_memory_gb(device):.2f} GB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse_args(argv)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if cfg.check_batch:
+        return [check_batch(cfg)]
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(cfg.model, cfg.seed)
+    train_ds, eval_ds, reward_fn = load_data(cfg)
+    if len(train_ds) == 0 or len(eval_ds) == 0:
+        die(f"--dataset {cfg.dataset}: no prompts to train or evaluate on")
+    model.to(device)
+    if cfg.model == "tiny" and cfg.dataset in TOY_TASKS:
+        import toy_tasks  # a random model cannot find the answer format by itself: teach π_ref the format first
+        toy_tasks.warm_start(model, tokenizer, cfg.seed)
+    history = train(cfg, model, tokenizer, train_ds, eval_ds, reward_fn)
+    print(summarize(history, device))
+    print(f"metrics: {os.path.join(cfg.out, 'metrics.jsonl')}  checkpoint: {os.path.join(cfg.out, 'checkpoint')}")
+    return history
+
+
+def check_batch(cfg: Config) -> dict:
+    """Our losses and gradients for another implementation's batch (see README, 'Sanity-checking')."""
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    main()
