@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import resource
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ import torch
 import transformers
 from datasets import Dataset, load_dataset
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -75,7 +78,6 @@ class Config:
     epochs: int = opt(1, "passes over each rollout batch")
     mini_batches: int = opt(1, "optimiser steps per pass (w ≠ 1 from the second one on)")
     micro_batch: int = opt(32, "sequences per forward/backward (gradient accumulation)")
-    grad_ckpt: bool = opt(False, "gradient checkpointing: less memory, one more forward")
     eval_every: int = opt(25, "evaluate every N steps (0: only at the end)")
     eval_prompts: int = opt(16, "held-out prompts per evaluation")
     eval_k: int = opt(8, "samples per held-out prompt (mean accuracy and pass@k)")
@@ -217,15 +219,16 @@ class LogZ(nn.Module):
 
 
 # ----------------------------------------------------------------------------- data
-MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+MATH_INSTRUCTION = "\nPut the final answer in \\boxed{}."
 
 
 def arith_dataset(n: int, seed: int) -> Dataset:
-    """Procedural arithmetic with exact integer answers: 'What is 37 * 12?' -> '444'."""
+    """Procedural grade-school arithmetic with exact integer answers: 'What is 17 - 9?' -> '8'."""
     rng = random.Random(seed)
     qs, ans = [], []
     for _ in range(n):
-        a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice("+-*")
+        op = rng.choice("+-*")
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(1, 30), rng.randint(1, 30))
         qs.append(f"What is {a} {op} {b}?")
         ans.append(str(a + b if op == "+" else a - b if op == "-" else a * b))
     return Dataset.from_dict({"question": qs, "answer": ans})
@@ -393,14 +396,11 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 # ----------------------------------------------------------------------------- sampling and scoring
 @dataclass
 class Rollouts:
-    input_ids: torch.Tensor  # (N, P+T): left-padded prompt, then the sampled response
-    attention_mask: torch.Tensor  # (N, P+T): prompt padding and everything after the first EOS are 0
-    n_prompt: int  # P
+    prompts: list[torch.Tensor]  # token ids of each prompt, unpadded (P_j,)
+    response_ids: torch.Tensor  # (N, T): rows j·G .. j·G+G−1 answer prompt j
+    mask: torch.Tensor  # (N, T) float: 1 on every generated token up to and including the first EOS
     completions: list[str]  # N decoded responses
-
-    @property
-    def mask(self) -> torch.Tensor:  # the response mask (N, T)
-        return self.attention_mask[:, self.n_prompt:].float()
+    truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
 
 
 def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -409,55 +409,76 @@ def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
-def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int, n: int) -> transformers.GenerationConfig:
+def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int) -> transformers.GenerationConfig:
     """Pure temperature / top-p sampling. Every knob is pinned: a model's own generation_config (Qwen2.5-Instruct:
     top_k 20, repetition_penalty 1.1) would otherwise change the distribution that the log-probs describe."""
     return transformers.GenerationConfig(
         do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, typical_p=1.0,
-        repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens, num_return_sequences=n, eos_token_id=eos_ids,
+        repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
         pad_token_id=pad_id)
 
 
-@torch.inference_mode()
 def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int],
            n: int) -> Rollouts:
-    """n responses per prompt with the KV cache; responses of prompt j are rows j·n .. j·n+n−1."""
+    """n responses per prompt, batched, with the KV cache; each prompt is prefilled once, not n times."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
-    enc = enc.to(model.device)
+    ids, attn = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
     model.eval()
-    with torch.autocast(model.device.type, torch.bfloat16, enabled=model.device.type == "cuda"):  # bf16 on GPU
-        seq = model.generate(**enc, generation_config=sampling_config(cfg, eos_ids, tokenizer.pad_token_id, n))
-    P = enc["input_ids"].shape[1]
-    resp_mask = response_mask(seq[:, P:], eos_ids)
-    attn = torch.cat([enc["attention_mask"].repeat_interleave(n, 0), resp_mask], 1)
-    keep = resp_mask.bool() & ~torch.isin(seq[:, P:], torch.tensor(eos_ids, device=seq.device))
+    with torch.inference_mode(), torch.autocast(model.device.type, torch.bfloat16, enabled=model.device.type == "cuda"):
+        cache = model.base_model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], use_cache=True,
+                                 position_ids=(attn[:, :-1].cumsum(-1) - 1).clamp(min=0)).past_key_values
+        cache.batch_repeat_interleave(n)  # generate() runs only the last prompt token, then samples
+        seq = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=attn.repeat_interleave(n, 0),
+                             past_key_values=cache, generation_config=sampling_config(cfg, eos_ids, tokenizer.pad_token_id))
+    resp = seq[:, ids.shape[1]:].clone()  # a clone outside inference mode can enter autograd
+    mask = response_mask(resp, eos_ids)
+    is_eos = torch.isin(resp, torch.tensor(eos_ids, device=resp.device))
     # decode exactly what was generated before EOS: a stray special token must not vanish from the text
-    completions = [tokenizer.decode(row[k]) for row, k in zip(seq[:, P:], keep)]
-    return Rollouts(seq, attn, P, completions)
+    completions = [tokenizer.decode(row[k]) for row, k in zip(resp, mask.bool() & ~is_eos)]
+    unpadded = [p[m.bool()].clone() for p, m in zip(ids, attn)]
+    return Rollouts(unpadded, resp, mask.float(), completions, ~is_eos.any(-1))
 
 
-def sequence_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      n_response: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y_t | x, y_<t) by teacher forcing, logits / temperature, LM head only on response positions.
+def sequence_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, response_ids: torch.Tensor,
+                      response_mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_t | x, y_<t) of n responses to one prompt by teacher forcing, with logits / temperature.
 
-    Returns per-token log-probs (N, T) and the last hidden states (N, L, H) for log Z, from one forward."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-    with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=input_ids.device.type == "cuda"):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state  # (N, L, H)
-        logits = model.get_output_embeddings()(hidden[:, -n_response - 1:-1]).float() / temperature  # (N, T, V)
-    targets = input_ids[:, -n_response:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1), hidden
+    The prompt runs once and its KV cache serves all n responses; the LM head runs on response positions
+    only. prompt_ids (P,), response_ids and response_mask (n, T) -> log-probs (n, T) and the prompt's
+    last hidden states (1, P, H), from the same forward, for log Z."""
+    n, T = response_ids.shape
+    with torch.autocast(response_ids.device.type, torch.bfloat16, enabled=response_ids.device.type == "cuda"):
+        prompt = model.base_model(input_ids=prompt_ids[None], use_cache=True)
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(n)
+        P = len(prompt_ids)
+        attn = torch.cat([torch.ones(n, P, dtype=response_mask.dtype, device=response_mask.device), response_mask], 1)
+        hidden = model.base_model(input_ids=response_ids, attention_mask=attn, past_key_values=cache, use_cache=True,
+                                  position_ids=torch.arange(P, P + T, device=response_ids.device).expand(n, T))
+        # the logits of y_t come from the position before it: the last prompt token, then y_1 .. y_T-1
+        h = torch.cat([prompt.last_hidden_state[:, -1:].expand(n, 1, -1), hidden.last_hidden_state[:, :-1]], 1)
+        logits = model.get_output_embeddings()(h).float()  # (n, T, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    # fused log-softmax + gather: keeps one (n, T, V) tensor for backward instead of three
+    logp = -F.cross_entropy(logits.flatten(0, 1), response_ids.flatten(), reduction="none").view(n, T)
+    return logp, prompt.last_hidden_state
+
+
+def by_prompt(rows: torch.Tensor, group_size: int, micro_batch: int):
+    """(j, rows of prompt j) in chunks of at most micro_batch, so each forward shares one prompt."""
+    for j in (rows // group_size).unique().tolist():
+        yield from ((j, chunk) for chunk in rows[rows // group_size == j].split(micro_batch))
 
 
 @torch.inference_mode()
 def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> torch.Tensor:
-    """Per-token log-probs (N, T) of rollouts under a model, in micro-batches, without a graph."""
+    """Per-token log-probs (N, T) of rollouts under a model, prompt by prompt, without a graph."""
     model.eval()
-    T = r.input_ids.shape[1] - r.n_prompt
-    return torch.cat([sequence_logprobs(model, r.input_ids[i:i + cfg.micro_batch],
-                                        r.attention_mask[i:i + cfg.micro_batch], T, cfg.temperature)[0]
-                      for i in range(0, len(r.completions), cfg.micro_batch)])
+    out = torch.zeros_like(r.mask)
+    for j, rows in by_prompt(torch.arange(len(r.mask)), cfg.group_size, cfg.micro_batch):
+        out[rows] = sequence_logprobs(model, r.prompts[j], r.response_ids[rows], r.mask[rows], cfg.temperature)[0]
+    return out
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -510,7 +531,7 @@ def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
               {"params": [p for p in model.parameters() if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
     if logz is not None:
         groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=False)  # foreach: +1 model copy at peak
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
 
@@ -519,21 +540,21 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
     """epochs × mini-batches optimiser steps on one rollout batch, each accumulated over micro-batches.
 
     old_logp None means one on-policy update: π_old is then the detached current log-prob (no extra forward)."""
-    mask, T = r.mask, r.mask.shape[1]
+    mask = r.mask
     model.train()
     stats: dict[str, float] = {}
     n_updates = cfg.epochs * cfg.mini_batches
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(adv)) if cfg.mini_batches > 1 else torch.arange(len(adv))
         for mb in perm.chunk(cfg.mini_batches):
-            for mi in mb.split(cfg.micro_batch):
-                logp, hidden = sequence_logprobs(model, r.input_ids[mi], r.attention_mask[mi], T, cfg.temperature)
+            for j, mi in by_prompt(mb, cfg.group_size, cfg.micro_batch):
+                logp, hidden = sequence_logprobs(model, r.prompts[j], r.response_ids[mi], mask[mi], cfg.temperature)
                 old = logp.detach() if old_logp is None else old_logp[mi]
                 if logz is None:
                     loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi], cfg.clip_eps, cfg.kl_coef)
                     frac = (mask[mi].sum() / mask[mb].sum().clamp(min=1)).item()  # token-mean over the mini-batch
                 else:
-                    log_z = logz(hidden[:, :r.n_prompt], r.attention_mask[mi, :r.n_prompt])
+                    log_z = logz(hidden, torch.ones(hidden.shape[:2], device=hidden.device)).expand(len(mi))
                     loss, st = flowrl_loss(logp, old, ref_logp[mi], mask[mi], log_z, adv[mi], cfg.beta,
                                            cfg.clip_low, cfg.clip_high, cfg.length_norm)
                     frac = len(mi) / len(mb)  # sequence-mean over the mini-batch
@@ -565,14 +586,15 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         torch.manual_seed(cfg.seed)
         logz = LogZ(model.config.hidden_size).to(device) if cfg.algo == "flowrl" else None
     opt, sched = make_optimizer(cfg, model, logz)
-    if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable()
     eos_ids = eos_token_ids(model, tokenizer)
     os.makedirs(cfg.out, exist_ok=True)
     order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     history, warned = [], False
     bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo, dynamic_ncols=True, disable=None)
     with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log_file:
+        if cfg.eval_every:  # held-out numbers before any update, logged as step 0
+            history.append({"step": 0, **evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids)})
+            log_file.write(json.dumps(history[0]) + "\n")
         try:
             for step in bar:
                 # 1. G responses for each prompt of the batch, scored by the rule-based reward; r̂ per group
@@ -592,10 +614,9 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 # 3. the FlowRL (or GRPO) update
                 stats = update(cfg, model, logz, opt, sched, r, adv, ref_logp, old_logp, step)
                 t3 = time.perf_counter()
-                ended = torch.isin(r.input_ids[:, r.n_prompt:], torch.tensor(eos_ids, device=device)).any(-1)
                 lengths = r.mask.sum(-1)
                 m = {"step": step, "reward": rewards.mean().item(), "accuracy": (rewards >= 1.0).float().mean().item(),
-                     **stats, "response_len": lengths.mean().item(), "truncated": 1 - ended.float().mean().item(),
+                     **stats, "response_len": lengths.mean().item(), "truncated": r.truncated.float().mean().item(),
                      "distinct": distinct_answers(r.completions, G), "gen_tokens": int(lengths.sum()),
                      "gen_s": t1 - t0, "ref_s": t2 - t1, "update_s": t3 - t2}
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
@@ -609,13 +630,15 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 if cfg.save_every and step % cfg.save_every == 0:
                     save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
         except KeyboardInterrupt:
-            tqdm.write(f"interrupted after {len(history)} steps: saving and exiting")
+            tqdm.write(f"interrupted after step {history[-1]['step'] if history else 0}: saving and exiting")
     save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
     return history
 
 
 def summarize(history: list[dict], device: torch.device) -> str:
     """The run's last metrics, its median step time split by phase (steps 2+), and its peak memory."""
+    evals = [{k[5:]: v for k, v in h.items() if k.startswith("eval_")} for h in history if "eval_acc" in h]
+    history = [h for h in history if "reward" in h]
     if not history:
         return "no step finished"
     timed = history[1:] or history
@@ -623,11 +646,11 @@ def summarize(history: list[dict], device: torch.device) -> str:
     tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # ru_maxrss is in KiB on Linux
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-    evals = [{k[5:]: v for k, v in h.items() if k.startswith("eval_")} for h in history if "eval_acc" in h]
     return "\n".join([
         (f"steps {len(history)}  reward {history[0]['reward']:.3f} -> {history[-1]['reward']:.3f}  "
         f"distinct answers/group {history[-1]['distinct']:.2f}"),
-        *(["held-out " + "  ".join(f"{k} {v:.3f}" for k, v in evals[-1].items())] if evals else []),
+        *(f"held-out {'before' if i == 0 and len(evals) > 1 else 'after '}  " + "  ".join(f"{k} {v:.3f}" for k, v in e.items())
+          for i, e in enumerate(evals[:: max(1, len(evals) - 1)])),
         (f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, update "
         f"{med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak {'GPU' if device.type == 'cuda' else 'RSS'} "
         f"memory {peak:.2f} GB")])
@@ -664,6 +687,8 @@ def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse flags, load model and data, train, print a summary; returns the per-step metrics."""
     cfg = parse_args(argv)
+    if sys.platform == "linux":  # give freed tensors back to the OS at once: 0.5 GB less peak RSS (README)
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, fixed
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 import flowrl_min as fm
 import toy_tasks as tt
@@ -183,51 +183,71 @@ def test_response_mask_ends_at_first_eos():
 
 
 def test_teacher_forced_logprobs_equal_generation_scores(tiny):
-    model, tok = tiny
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    # a model's own generation defaults must not leak into sampling: these would change the distribution
+    model.generation_config.top_k, model.generation_config.repetition_penalty = 3, 1.5
     torch.manual_seed(0)
     prompts = [fm.format_prompt(tok, "What is 2 + 2?"), fm.format_prompt(tok, "What is 12 * 37 - 5 + 1?")]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert (enc["attention_mask"] == 0).any()  # left padding is exercised
     eos = fm.eos_token_ids(model, tok)
-    gen = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=12,
-                           num_return_sequences=3, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    cfg = fm.parse_args(["--temperature", "0.7", "--max-new-tokens", "12"])
+    gen = fm.sampling_config(cfg, eos, tok.pad_token_id)
+    gen.num_return_sequences = 3
     out = model.generate(**enc, generation_config=gen, output_scores=True, return_dict_in_generate=True)
-    P = enc["input_ids"].shape[1]
-    resp = out.sequences[:, P:]
-    mask = fm.response_mask(resp, eos)
-    attn = torch.cat([enc["attention_mask"].repeat_interleave(3, 0), mask], 1)
+    resp = out.sequences[:, enc["input_ids"].shape[1]:]
+    mask = fm.response_mask(resp, eos).float()
     scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
-    logp, hidden = fm.sequence_logprobs(model, out.sequences, attn, resp.shape[1], 0.7)
-    assert hidden.shape == (6, out.sequences.shape[1], model.config.hidden_size)
-    assert torch.allclose(logp[mask.bool()], scores[mask.bool()], atol=1e-4)
-    wrong_t = fm.sequence_logprobs(model, out.sequences, attn, resp.shape[1], 1.0)[0]
-    assert not torch.allclose(wrong_t[mask.bool()], scores[mask.bool()], atol=1e-4)  # temperature matters
+    for j in range(2):
+        prompt = enc["input_ids"][j][enc["attention_mask"][j].bool()]
+        rows = torch.arange(3 * j, 3 * j + 3)
+        logp, hidden = fm.sequence_logprobs(model, prompt, resp[rows], mask[rows], 0.7)
+        assert hidden.shape == (1, len(prompt), model.config.hidden_size)
+        m = mask[rows].bool()
+        assert torch.allclose(logp[m], scores[rows][m], atol=1e-4)
+        wrong_t = fm.sequence_logprobs(model, prompt, resp[rows], mask[rows], 1.0)[0]
+        assert not torch.allclose(wrong_t[m], scores[rows][m], atol=1e-4)  # the temperature matters
+    # the batched prompt-sharing path agrees with one full forward over prompt + response
+    full = torch.cat([prompt.expand(3, -1), resp[rows]], 1)
+    logits = model(full, attention_mask=torch.cat([torch.ones(3, len(prompt)), mask[rows]], 1)).logits
+    ref = logits[:, len(prompt) - 1:-1].log_softmax(-1).gather(-1, resp[rows].unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(fm.sequence_logprobs(model, prompt, resp[rows], mask[rows], 1.0)[0][m], ref[m], atol=1e-4)
+
+
+def test_sample_prefills_once_and_draws_what_plain_generate_draws(tiny):
+    model, tok = tiny
+    prompts = [fm.format_prompt(tok, "What is 2 + 2?"), fm.format_prompt(tok, "What is 12 * 37 - 5 + 1?")]
+    cfg = fm.parse_args(["--max-new-tokens", "10"])
+    eos = fm.eos_token_ids(model, tok)
+    torch.manual_seed(1)
+    r = fm.sample(model, tok, prompts, cfg, eos, 4)
+    torch.manual_seed(1)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    gen = fm.sampling_config(cfg, eos, tok.pad_token_id)
+    gen.num_return_sequences = 4
+    plain = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:]
+    assert torch.equal(r.response_ids, plain)
+    assert r.mask.sum() > 8 and [len(p) for p in r.prompts] == enc["attention_mask"].sum(1).tolist()
 
 
 def test_log_z_depends_on_prompt_only_and_ignores_left_padding(tiny):
     model, tok = tiny
     torch.manual_seed(0)
     logz = fm.LogZ(model.config.hidden_size).eval()
-    prompt = tok(fm.format_prompt(tok, "What is 3 + 4?"), return_tensors="pt", add_special_tokens=False)["input_ids"]
-    P = prompt.shape[1]
-
-    def log_z(ids, attn):
-        _, hidden = fm.sequence_logprobs(model, ids, attn, 3, 1.0)
-        return logz(hidden[:, :ids.shape[1] - 3], attn[:, :ids.shape[1] - 3]).item()
-
-    a = torch.cat([prompt, torch.tensor([[15, 16, 17]])], 1)
-    b = torch.cat([prompt, torch.tensor([[40, 41, 2]])], 1)
-    pad = torch.full((1, 5), tok.pad_token_id)
-    c = torch.cat([pad, a], 1)
-    ones = torch.ones_like(a)
-    z_a, z_b = log_z(a, ones), log_z(b, ones)
-    z_c = log_z(c, torch.cat([torch.zeros(1, 5, dtype=torch.long), ones], 1))
-    assert z_a == pytest.approx(z_b, abs=1e-5)
-    assert z_a == pytest.approx(z_c, abs=1e-5)
-    other = torch.cat([tok(fm.format_prompt(tok, "What is 9 * 9?"), return_tensors="pt",
-                           add_special_tokens=False)["input_ids"], torch.tensor([[15, 16, 17]])], 1)
-    assert log_z(other, torch.ones_like(other)) != pytest.approx(z_a, abs=1e-5)
-    assert P > 3
+    prompt = tok(fm.format_prompt(tok, "What is 3 + 4?"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ones = torch.ones(2, 3)
+    _, h_a = fm.sequence_logprobs(model, prompt, torch.tensor([[15, 16, 17], [20, 21, 2]]), ones, 1.0)
+    _, h_b = fm.sequence_logprobs(model, prompt, torch.tensor([[40, 41, 2], [7, 8, 9]]), ones, 1.0)
+    z = logz(h_a, torch.ones(h_a.shape[:2])).item()
+    assert z == pytest.approx(logz(h_b, torch.ones(h_b.shape[:2])).item(), abs=1e-6)
+    # a left-padded copy of the prompt, run as generate() runs it, pools to the same log Z
+    padded = torch.cat([torch.full((5,), tok.pad_token_id), prompt])[None]
+    attn = torch.cat([torch.zeros(1, 5), torch.ones(1, len(prompt))], 1).long()
+    h_pad = model.base_model(input_ids=padded, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
+    assert logz(h_pad.last_hidden_state, attn).item() == pytest.approx(z, abs=1e-5)
+    other = tok(fm.format_prompt(tok, "What is 9 * 9?"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    _, h_c = fm.sequence_logprobs(model, other, torch.tensor([[15, 16, 17]]), torch.ones(1, 3), 1.0)
+    assert logz(h_c, torch.ones(h_c.shape[:2])).item() != pytest.approx(z, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- training
@@ -261,10 +281,11 @@ def test_end_to_end_main_saves_metrics_and_reloadable_checkpoint(tiny_dir, jsonl
     out = tmp_path / "run"
     history = fm.main(["--model", tiny_dir, "--dataset", jsonl, "--lr", "1e-3", *_args(out)])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and lines == json.loads(json.dumps(history))
+    assert len(lines) == 3 and lines == json.loads(json.dumps(history))
+    assert set(lines[0]) == {"step", "eval_acc", "eval_pass@1", "eval_pass@2", "eval_distinct"}  # before training
     need = {"step", "reward", "accuracy", "log_z", "loss", "w", "ref_kl", "response_len", "truncated", "distinct",
             "gen_s", "ref_s", "update_s", "grad_norm"}
-    assert need <= set(lines[0]) and {"eval_acc", "eval_pass@1", "eval_pass@2", "eval_distinct"} <= set(lines[-1])
+    assert need <= set(lines[1]) and {"eval_acc", "eval_pass@1", "eval_pass@2", "eval_distinct"} <= set(lines[-1])
     ckpt = out / "checkpoint"
     reloaded = AutoModelForCausalLM.from_pretrained(ckpt)
     trained = seen["model"].state_dict()
@@ -282,8 +303,9 @@ def test_seeded_run_is_reproducible_and_grpo_runs_the_same_pipeline(tmp_path):
     strip = lambda h: [{k: v for k, v in m.items() if k not in TIMING} for m in h]
     assert strip(a) == strip(b)
     g = fm.main(["--steps", "3", "--algo", "grpo", "--out", str(tmp_path / "g")])
-    assert "log_z" not in g[0] and "clipfrac" in g[0]
-    assert g[0]["reward"] == a[0]["reward"]  # same seed, same first rollouts
+    assert a[0] == g[0] and a[0]["step"] == 0  # the same held-out numbers before training
+    assert "log_z" not in g[1] and "clipfrac" in g[1] and "log_z" in a[1]
+    assert g[1]["reward"] == a[1]["reward"]  # same seed, same first rollouts
 
 
 def test_seeded_flowrl_run_raises_reward(tmp_path):
@@ -302,7 +324,7 @@ def test_interrupt_saves_and_nan_stops(tiny, tmp_path):
             raise KeyboardInterrupt
         return {}
     h = fm.train(cfg, model, tok, train_ds, eval_ds, reward_fn, on_step=stop)
-    assert len(h) == 1 and (tmp_path / "i" / "checkpoint" / "model.safetensors").exists()
+    assert [m["step"] for m in h] == [0, 1] and (tmp_path / "i" / "checkpoint" / "model.safetensors").exists()
     with pytest.raises(SystemExit, match=r"step \d+: .*non-finite"):
         fm.main(["--steps", "5", "--beta", "nan", "--out", str(tmp_path / "n")])
 

@@ -61,22 +61,21 @@ def make_task(name: str) -> tuple[Dataset, Dataset, fm.RewardFn]:
 
 
 def answer_batch(tokenizer, q: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt + every answer + EOS, right-padded: input ids, attention mask (A, L) and answer mask (A, T)."""
-    prompt = tokenizer(fm.format_prompt(tokenizer, q), add_special_tokens=False)["input_ids"]
+    """The prompt's ids (P,), and every answer + EOS right-padded: ids and mask (A, T)."""
+    prompt = tokenizer(fm.format_prompt(tokenizer, q), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     answers = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in ANSWERS]
     T = max(map(len, answers))
-    ids = torch.tensor([prompt + a + [tokenizer.pad_token_id] * (T - len(a)) for a in answers])
-    amask = torch.tensor([[1] * len(a) + [0] * (T - len(a)) for a in answers])
-    return ids, torch.cat([torch.ones(len(answers), len(prompt), dtype=torch.long), amask], 1), amask
+    ids = torch.tensor([a + [tokenizer.pad_token_id] * (T - len(a)) for a in answers])
+    return prompt, ids, torch.tensor([[1.0] * len(a) + [0.0] * (T - len(a)) for a in answers])
 
 
 @torch.inference_mode()
 def answer_logprobs(model, tokenizer, q: str) -> torch.Tensor:
     """Exact log π(a + EOS | x) for every answer a, in one teacher-forced forward. (A,)"""
-    ids, attn, amask = answer_batch(tokenizer, q)
+    prompt, ids, mask = (x.to(model.device) for x in answer_batch(tokenizer, q))
     model.eval()
-    logp, _ = fm.sequence_logprobs(model, ids.to(model.device), attn.to(model.device), amask.shape[1], 1.0)
-    return torch.where(amask.bool().to(logp.device), logp, 0.0).sum(-1).cpu()
+    logp, _ = fm.sequence_logprobs(model, prompt, ids, mask, 1.0)
+    return torch.where(mask.bool(), logp, 0.0).sum(-1).cpu()
 
 
 def mode_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, correct: torch.Tensor) -> dict[str, float]:
@@ -105,17 +104,16 @@ def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3, 
     the whole answer space, each correct one `boost` times as often, so π_ref reads the prompt and
     solves it some of the time, like a pretrained LLM, while spreading its mass over every mode."""
     g = torch.Generator().manual_seed(seed)
-    batches = [answer_batch(tokenizer, question(m, r)) for m, r in PROMPTS]
+    batches = [[x.to(model.device) for x in answer_batch(tokenizer, question(m, r))] for m, r in PROMPTS]
     weights = [1 + (boost - 1) * torch.tensor(correct_set(f"{m}:{r}"), dtype=torch.float) for m, r in PROMPTS]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         loss = 0.0
-        for (ids, attn, amask), wts in zip(batches, weights):
+        for (prompt, ids, mask), wts in zip(batches, weights):
             pick = torch.multinomial(wts, 16, replacement=True, generator=g)
-            logp, _ = fm.sequence_logprobs(model, ids[pick].to(model.device), attn[pick].to(model.device),
-                                           amask.shape[1], 1.0)
-            loss = loss - fm.masked_mean(logp, amask[pick].to(logp.device)) / len(batches)
+            logp, _ = fm.sequence_logprobs(model, prompt, ids[pick], mask[pick], 1.0)
+            loss = loss - fm.masked_mean(logp, mask[pick]) / len(batches)
         opt.zero_grad()
         loss.backward()
         opt.step()
