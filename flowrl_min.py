@@ -18,8 +18,8 @@ with r̂ the group-normalised reward, log Z_φ a 3-layer MLP on the policy's pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import ctypes
 import json
 import math
 import os
@@ -29,7 +29,6 @@ import resource
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -77,7 +76,7 @@ class Config:
     warmup_steps: int = opt(10, "linear learning-rate warm-up, in optimiser steps")
     epochs: int = opt(1, "passes over each rollout batch")
     mini_batches: int = opt(1, "optimiser steps per pass (w ≠ 1 from the second one on)")
-    micro_batch: int = opt(32, "sequences per forward/backward (gradient accumulation)")
+    micro_batch: int = opt(32, "responses per forward/backward, all of one prompt (gradient accumulation)")
     eval_every: int = opt(25, "evaluate every N steps (0: only at the end)")
     eval_prompts: int = opt(16, "held-out prompts per evaluation")
     eval_k: int = opt(8, "samples per held-out prompt (mean accuracy and pass@k)")
@@ -131,7 +130,6 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 
 def build_tiny_model(seed: int) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """A random 2-layer Qwen2 (about 0.1M parameters) and a byte-level BPE tokenizer trained in-process.
-
     Qwen2's NFC normaliser and split regex make digits single tokens and let AutoTokenizer reload it."""
     import tokenizers as tk
 
@@ -157,13 +155,12 @@ def build_tiny_model(seed: int) -> tuple[PreTrainedModel, transformers.PreTraine
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co accepts a connection within `timeout` seconds (never under HF_HUB_OFFLINE=1)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
         return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    with contextlib.suppress(OSError), socket.create_connection(("huggingface.co", 443), timeout=timeout):
         return True
-    except OSError:
-        return False
+    return False
 
 
 def load_model(name: str, seed: int) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
@@ -204,7 +201,6 @@ def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
 
 class LogZ(nn.Module):
     """log Z_φ(x): a 3-layer MLP on the masked mean of the policy's last hidden states over prompt tokens.
-
     Not detached: its gradient flows into the LM, as in the paper. (N, L, H), (N, L) -> (N,)"""
 
     def __init__(self, hidden: int, dropout: float = 0.1):
@@ -358,7 +354,6 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
                 log_z: torch.Tensor, adv: torch.Tensor, beta: float = 15.0, clip_low: float = 0.8,
                 clip_high: float = 1.2, length_norm: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """L_FlowRL = mean_i w_i · δ_i² (trajectory balance with length normalisation and importance weights).
-
     logp, old_logp, ref_logp: per-token log π_θ, π_old, π_ref (N, T); mask: 1.0 on response tokens (N, T);
     log_z: log Z_φ(x_i) (N,); adv: r̂_i (N,). length_norm=False uses token sums (the unstable ablation)."""
     mean = (lambda x: masked_mean(x, mask, -1)) if length_norm else (lambda x: torch.where(mask.bool(), x, 0.0).sum(-1))
@@ -442,16 +437,14 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, e
 def sequence_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, response_ids: torch.Tensor,
                       response_mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y_t | x, y_<t) of n responses to one prompt by teacher forcing, with logits / temperature.
-
     The prompt runs once and its KV cache serves all n responses; the LM head runs on response positions
     only. prompt_ids (P,), response_ids and response_mask (n, T) -> log-probs (n, T) and the prompt's
     last hidden states (1, P, H), from the same forward, for log Z."""
-    n, T = response_ids.shape
+    (n, T), P = response_ids.shape, len(prompt_ids)
     with torch.autocast(response_ids.device.type, torch.bfloat16, enabled=response_ids.device.type == "cuda"):
         prompt = model.base_model(input_ids=prompt_ids[None], use_cache=True)
         cache = prompt.past_key_values
         cache.batch_repeat_interleave(n)
-        P = len(prompt_ids)
         attn = torch.cat([torch.ones(n, P, dtype=response_mask.dtype, device=response_mask.device), response_mask], 1)
         hidden = model.base_model(input_ids=response_ids, attention_mask=attn, past_key_values=cache, use_cache=True,
                                   position_ids=torch.arange(P, P + T, device=response_ids.device).expand(n, T))
@@ -525,8 +518,7 @@ def save_checkpoint(out: str, model: PreTrainedModel, tokenizer, logz: LogZ | No
 
 
 def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
-    """AdamW (weight decay on matrices only) with linear warm-up; log Z_φ joins it with its own learning rate,
-    as it shares the policy's optimiser in the official code."""
+    """AdamW (decay on matrices) with linear warm-up; log Z_φ joins it, as in the official code, at its own lr."""
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "lr": cfg.lr},
               {"params": [p for p in model.parameters() if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
     if logz is not None:
@@ -537,9 +529,8 @@ def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
 
 def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r: Rollouts, adv: torch.Tensor,
            ref_logp: torch.Tensor, old_logp: torch.Tensor | None, step: int) -> dict[str, float]:
-    """epochs × mini-batches optimiser steps on one rollout batch, each accumulated over micro-batches.
-
-    old_logp None means one on-policy update: π_old is then the detached current log-prob (no extra forward)."""
+    """epochs × mini-batches optimiser steps on one rollout batch, each accumulated over micro-batches. old_logp
+    None means one on-policy update: π_old is then the detached current log-prob (no extra forward)."""
     mask = r.mask
     model.train()
     stats: dict[str, float] = {}
@@ -577,8 +568,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
           on_step: Callable[[int, PreTrainedModel], dict] | None = None,
           ref: PreTrainedModel | None = None) -> list[dict]:
     """The FlowRL (or GRPO) loop: sample G responses per prompt, score them, then update π_θ and log Z_φ.
-
-    π_ref defaults to a frozen snapshot of the initial policy. on_step(step, model) may add metrics.
+    π_ref defaults to a frozen snapshot of the initial policy; on_step(step, model) may add metrics.
     Writes <out>/metrics.jsonl (one line per step) and <out>/checkpoint; returns the metrics."""
     device, G = model.device, cfg.group_size
     ref = (ref if ref is not None else copy.deepcopy(model)).eval().requires_grad_(False)
@@ -638,32 +628,28 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
 def summarize(history: list[dict], device: torch.device) -> str:
     """The run's last metrics, its median step time split by phase (steps 2+), and its peak memory."""
     evals = [{k[5:]: v for k, v in h.items() if k.startswith("eval_")} for h in history if "eval_acc" in h]
-    history = [h for h in history if "reward" in h]
-    if not history:
+    steps = [h for h in history if "reward" in h]
+    if not steps:
         return "no step finished"
-    timed = history[1:] or history
-    med = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "ref_s", "update_s")}
-    tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
+    med = {k: statistics.median(h[k] for h in steps[1:] or steps) for k in ("gen_s", "ref_s", "update_s")}
+    tok_s = sum(h["gen_tokens"] for h in steps[1:] or steps) / sum(h["gen_s"] for h in steps[1:] or steps)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # ru_maxrss is in KiB on Linux
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-    return "\n".join([
-        (f"steps {len(history)}  reward {history[0]['reward']:.3f} -> {history[-1]['reward']:.3f}  "
-        f"distinct answers/group {history[-1]['distinct']:.2f}"),
-        *(f"held-out {'before' if i == 0 and len(evals) > 1 else 'after '}  " + "  ".join(f"{k} {v:.3f}" for k, v in e.items())
-          for i, e in enumerate(evals[:: max(1, len(evals) - 1)])),
-        (f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, update "
-        f"{med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak {'GPU' if device.type == 'cuda' else 'RSS'} "
-        f"memory {peak:.2f} GB")])
+    lines = [f"steps {len(steps)}  reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f}  distinct answers/group "
+             + f"{steps[-1]['distinct']:.2f}"]
+    lines += [f"held-out {when}  " + "  ".join(f"{k} {v:.3f}" for k, v in e.items())
+              for when, e in zip(["before", "after "] if len(evals) > 1 else ["after "], [evals[0], evals[-1]][-len(evals):])]
+    lines.append(f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, "
+                 + f"update {med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak "
+                 + f"{'GPU' if device.type == 'cuda' else 'RSS'} memory {peak:.2f} GB")
+    return "\n".join(lines)
 
 
 def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
     """Our losses and gradients, in float64, for tensors from another implementation (README: sanity-checking).
-
     The file is a dict saved with torch.save: logp, ref_logp, mask (N, T) and adv (N,), or rewards (N,) with
     group_size; optionally old_logp (N, T; default: logp, one on-policy update) and log_z (N,; default 0)."""
-    if not os.path.isfile(cfg.check_batch):
-        die(f"--check-batch {cfg.check_batch}: no such file")
-    b = torch.load(cfg.check_batch, map_location="cpu", weights_only=True)
+    b = torch.load(cfg.check_batch, map_location="cpu", weights_only=True) if os.path.isfile(cfg.check_batch) else {}
     missing = [k for k in ("logp", "ref_logp", "mask") if k not in b]
     missing += [] if "adv" in b or {"rewards", "group_size"} <= set(b) else ["adv (or rewards and group_size)"]
     if missing:
@@ -671,24 +657,19 @@ def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
     t = {k: v.detach().to(torch.float64) for k, v in b.items() if torch.is_tensor(v)}
     adv = t["adv"] if "adv" in t else group_normalize(t["rewards"], int(b["group_size"]))
     logp, log_z = t["logp"].clone().requires_grad_(), t.get("log_z", torch.zeros_like(adv)).clone().requires_grad_()
-    old = t.get("old_logp", t["logp"])
-    flow, flow_stats = flowrl_loss(logp, old, t["ref_logp"], t["mask"], log_z, adv, cfg.beta, cfg.clip_low,
-                                   cfg.clip_high, cfg.length_norm)
-    grad_logp, grad_log_z = torch.autograd.grad(flow, [logp, log_z])
-    grpo, grpo_stats = grpo_loss(logp, old, t["ref_logp"], t["mask"], adv, cfg.clip_eps, cfg.kl_coef)
-    out = {"flowrl": {**flow_stats, "grad_logp_norm": grad_logp.norm().item(), "grad_log_z_norm": grad_log_z.norm().item()},
-           "grpo": {**grpo_stats, "grad_logp_norm": torch.autograd.grad(grpo, logp)[0].norm().item()}}
+    old, ref, mask = t.get("old_logp", t["logp"]), t["ref_logp"], t["mask"]
+    flow, out_f = flowrl_loss(logp, old, ref, mask, log_z, adv, cfg.beta, cfg.clip_low, cfg.clip_high, cfg.length_norm)
+    out_f["grad_logp_norm"], out_f["grad_log_z_norm"] = (g.norm().item() for g in torch.autograd.grad(flow, [logp, log_z]))
+    grpo, out_g = grpo_loss(logp, old, ref, mask, adv, cfg.clip_eps, cfg.kl_coef)
+    out = {"flowrl": out_f, "grpo": {**out_g, "grad_logp_norm": torch.autograd.grad(grpo, logp)[0].norm().item()}}
     for algo, st in out.items():
         print(f"{algo}: " + "  ".join(f"{k} {v:.6g}" for k, v in st.items()))
-    print("adv (r̂): " + " ".join(f"{a:.4f}" for a in adv.tolist()))
     return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse flags, load model and data, train, print a summary; returns the per-step metrics."""
     cfg = parse_args(argv)
-    if sys.platform == "linux":  # give freed tensors back to the OS at once: 0.5 GB less peak RSS (README)
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, fixed
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()

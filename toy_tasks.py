@@ -93,9 +93,13 @@ def mode_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, correct: torch.Tens
 
 
 def task_metrics(model, tokenizer, ref_logps: list[torch.Tensor]) -> dict[str, float]:
-    """mode_metrics averaged over the task's prompts (modes_covered and n_modes summed)."""
-    per = [mode_metrics(answer_logprobs(model, tokenizer, question(m, r)), ref, torch.tensor(correct_set(f"{m}:{r}")))
-           for (m, r), ref in zip(PROMPTS, ref_logps)]
+    """mode_metrics averaged over the task's prompts (modes_covered and n_modes summed), plus high_share:
+    the share of the correct mass on the answers `graded` rewards most (those ending in 8)."""
+    per = []
+    for (m, r), ref in zip(PROMPTS, ref_logps):
+        logp, correct = answer_logprobs(model, tokenizer, question(m, r)), torch.tensor(correct_set(f"{m}:{r}"))
+        high = correct & torch.tensor([a.endswith("8") for a in ANSWERS])
+        per.append({**mode_metrics(logp, ref, correct), "high_share": (logp[high].exp().sum() / logp[correct].exp().sum()).item()})
     return {k: (sum if k in ("modes_covered", "n_modes") else statistics.mean)(d[k] for d in per) for k in per[0]}
 
 
@@ -163,7 +167,7 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
         for k, key in ((1, "modes_covered"), (2, "kl_target")):
             per_seed = [[m[key] for m in run if "kl_target" in m] for run in runs]
             ax[k].plot(steps, [statistics.mean(v) for v in zip(*per_seed)], label=algo, color=color[algo])
-    ax[1].set(title=f"modes covered (of {curves['flowrl'][0][0]['n_modes']})", xlabel="step")
+    ax[1].set(title=f"modes covered (of {next(iter(curves.values()))[0][0]['n_modes']})", xlabel="step")
     ax[2].set(title="KL(p* ‖ π_θ)", xlabel="step", yscale="log")
     ax[1].legend()
     fig.suptitle(title)
@@ -171,7 +175,7 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
     fig.savefig(path, dpi=110)
 
 
-KEYS = ("accuracy", "modes_covered", "n_modes", "kl_target", "entropy", "max_entropy")
+KEYS = ("accuracy", "modes_covered", "n_modes", "kl_target", "entropy", "max_entropy", "high_share")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -184,11 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--plot", default="toy_modes.png")
     p.add_argument("--json", default="toy_modes.json")
-    args = p.parse_args(argv)
+    p.add_argument("--algos", default="grpo,flowrl", help="which to train, comma-separated")
+    args, flowrl_flags = p.parse_known_args(argv)  # any other flag goes to FlowRL's run (e.g. --no-length-norm)
     fm.transformers.logging.set_verbosity_error()
     fm.transformers.logging.disable_progress_bar()
     flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr", str(args.lr), "--micro-batch", "64"]
-    curves: dict[str, list[list[dict]]] = {"grpo": [], "flowrl": []}
+    curves: dict[str, list[list[dict]]] = {a: [] for a in args.algos.split(",")}
     dists = {}
     for seed in range(args.seeds):
         torch.manual_seed(seed)
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         warm_start(model, tokenizer, seed)
         for algo, runs in curves.items():
             policy = copy.deepcopy(model)  # the same initial weights for both
-            extra = ["--beta", str(args.beta)] if algo == "flowrl" else []
+            extra = ["--beta", str(args.beta), *flowrl_flags] if algo == "flowrl" else []
             runs.append(run(args.task, algo, policy, tokenizer, seed, flags + extra))
             if seed == 0:
                 dists[algo] = answer_logprobs(policy, tokenizer, question(*PROMPTS[0])).exp()
@@ -205,15 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
             correct = torch.tensor(correct_set(f"{PROMPTS[0][0]}:{PROMPTS[0][1]}"))
             dists = {"target p*": torch.softmax(ref.masked_fill(~correct, -math.inf), 0), **dists}
     final = {algo: [run[-1] for run in runs] for algo, runs in curves.items()}
-    summary = {"ref": {k: statistics.mean(r[0][k] for r in curves["grpo"]) for k in KEYS}}
+    summary = {"ref": {k: statistics.mean(r[0][k] for r in next(iter(curves.values()))) for k in KEYS}}
     for algo, ms in final.items():
         summary[algo] = {k: statistics.mean(m[k] for m in ms) for k in KEYS}
         summary[algo]["spread"] = {k: statistics.pstdev(m[k] for m in ms) for k in KEYS}
         summary[algo]["per_seed"] = [{k: m[k] for k in KEYS} for m in ms]
-    summary["config"] = {**vars(args), "prompts": PROMPTS}
+    summary["config"] = {**vars(args), "flowrl_flags": flowrl_flags, "prompts": PROMPTS}
     print(f"\n{args.task}: {args.seeds} seed(s) x {args.steps} steps, G={args.group_size}, lr={args.lr}, "
-          f"FlowRL beta={args.beta}; mean ± spread over seeds, exact (every answer teacher-forced)")
-    print(f"{'metric':<16}{'pi_ref (step 0)':>18}{'GRPO':>20}{'FlowRL':>20}")
+          f"FlowRL beta={args.beta} {' '.join(flowrl_flags)}; mean ± spread over seeds, exact (every answer teacher-forced)")
+    print(f"{'metric':<16}{'pi_ref (step 0)':>18}" + "".join(f"{a:>20}" for a in curves))
     for k in KEYS:
         cells = [f"{summary['ref'][k]:.3f}"] + [f"{summary[a][k]:.3f} ± {summary[a]['spread'][k]:.3f}" for a in curves]
         print(f"{k:<16}" + "".join(f"{c:>20}" if i else f"{c:>18}" for i, c in enumerate(cells)))
