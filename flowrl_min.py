@@ -453,7 +453,7 @@ def sequence_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, response
         logits = model.get_output_embeddings()(h).float()  # (n, T, V)
     if temperature != 1.0:
         logits = logits / temperature
-    # fused log-softmax + gather: keeps one (n, T, V) tensor for backward instead of three
+    # log-softmax and gather in one call
     logp = -F.cross_entropy(logits.flatten(0, 1), response_ids.flatten(), reduction="none").view(n, T)
     return logp, prompt.last_hidden_state
 
@@ -523,7 +523,7 @@ def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
               {"params": [p for p in model.parameters() if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
     if logz is not None:
         groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=False)  # foreach: +1 model copy at peak
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=False)  # no batched temporaries
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
 
@@ -631,14 +631,15 @@ def summarize(history: list[dict], device: torch.device) -> str:
     steps = [h for h in history if "reward" in h]
     if not steps:
         return "no step finished"
-    med = {k: statistics.median(h[k] for h in steps[1:] or steps) for k in ("gen_s", "ref_s", "update_s")}
-    tok_s = sum(h["gen_tokens"] for h in steps[1:] or steps) / sum(h["gen_s"] for h in steps[1:] or steps)
+    timed = steps[1:] or steps  # step 1 pays one-off warm-up costs
+    med = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "ref_s", "update_s")}
+    tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # ru_maxrss is in KiB on Linux
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     lines = [f"steps {len(steps)}  reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f}  distinct answers/group "
              + f"{steps[-1]['distinct']:.2f}"]
-    lines += [f"held-out {when}  " + "  ".join(f"{k} {v:.3f}" for k, v in e.items())
-              for when, e in zip(["before", "after "] if len(evals) > 1 else ["after "], [evals[0], evals[-1]][-len(evals):])]
+    shown = ({"before": evals[0]} if len(evals) > 1 else {}) | ({"after ": evals[-1]} if evals else {})
+    lines += [f"held-out {when}  " + "  ".join(f"{k} {v:.3f}" for k, v in e.items()) for when, e in shown.items()]
     lines.append(f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, "
                  + f"update {med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak "
                  + f"{'GPU' if device.type == 'cuda' else 'RSS'} memory {peak:.2f} GB")
