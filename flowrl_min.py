@@ -41,8 +41,10 @@ import transformers
 from datasets import Dataset, load_dataset
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 RewardFn = Callable[[str, str], float]
 TOY_TASKS = ("modes", "graded")
@@ -77,10 +79,10 @@ class Config:
     epochs: int = opt(1, "passes over each rollout batch")
     mini_batches: int = opt(1, "optimiser steps per pass (w ≠ 1 from the second one on)")
     micro_batch: int = opt(32, "responses per forward/backward, all of one prompt (gradient accumulation)")
+    grad_ckpt: bool = opt(False, "gradient checkpointing in the update: less memory, one more forward of the layers")
     eval_every: int = opt(25, "evaluate every N steps (0: only at the end)")
     eval_prompts: int = opt(16, "held-out prompts per evaluation")
     eval_k: int = opt(8, "samples per held-out prompt (mean accuracy and pass@k)")
-    save_every: int = opt(0, "also save a checkpoint every N steps (0: only at the end)")
     out: str = opt("out", "output directory: metrics.jsonl and checkpoint/")
     seed: int = opt(0, "seed for weights, data order and sampling")
     check_batch: str = opt("", "a torch.save'd dict of tensors: print our losses and gradients for it, then exit")
@@ -90,11 +92,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+        kind = ({"action": argparse.BooleanOptionalAction} if f.type == "bool"
+                else {"type": {"int": int, "float": float, "str": str}[f.type]})
+        p.add_argument(flag, default=f.default, help=f.metadata["help"], **kind)
     cfg = Config(**vars(p.parse_args(argv)))
     tiny = cfg.model == "tiny"
     cfg.dataset = ("modes" if tiny else "arith") if cfg.dataset == "auto" else cfg.dataset
@@ -116,8 +116,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def die(msg: str):
-    """Stop with one clear line on stderr and exit status 1 (no traceback)."""
+def die(msg: str):  # one clear line on stderr, exit status 1, no traceback
     raise SystemExit(f"error: {msg}")
 
 
@@ -183,8 +182,7 @@ def load_model(name: str, seed: int) -> tuple[PreTrainedModel, transformers.PreT
                     f"pass a local model directory (--model path/to/dir) or use --model tiny")
             tokenizer = transformers.AutoTokenizer.from_pretrained(repo)
             model = transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "left"
     for m in model.modules():  # RL on LLMs runs without dropout: sampled and trained log-probs must agree
         if isinstance(m, nn.Dropout):
@@ -232,21 +230,19 @@ def arith_dataset(n: int, seed: int) -> Dataset:
 
 def load_file_dataset(path: str) -> Dataset:
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(path)[1])
-    if not os.path.isfile(path):
-        die(f"--dataset {path}: no such file (or use arith, gsm8k, modes, graded)")
-    if builder is None:
-        die(f"--dataset {path}: use a .jsonl, .json, .csv or .parquet file")
-    if os.path.getsize(path) == 0:
-        die(f"--dataset {path}: the file is empty; it needs rows with question and answer columns")
+    problem = ("no such file (or use arith, gsm8k, modes, graded)" if not os.path.isfile(path) else
+               "use a .jsonl, .json, .csv or .parquet file" if builder is None else
+               "the file is empty; it needs rows with question and answer columns" if not os.path.getsize(path) else "")
+    if problem:
+        die(f"--dataset {path}: {problem}")
     try:
         ds = load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # noqa: BLE001 -- any reader error: name the file in one line, not a traceback
         die(f"--dataset {path}: cannot be read as {builder} ({type(e).__name__}: {str(e)[:200]})")
-    if len(ds) == 0:
-        die(f"--dataset {path}: the file has no rows")
     missing = [c for c in ("question", "answer") if c not in ds.column_names]
-    if missing:
-        die(f"--dataset {path}: missing column(s) {', '.join(missing)}; found {', '.join(ds.column_names) or 'none'}")
+    if missing or len(ds) == 0:
+        die(f"--dataset {path}: " + (f"missing column(s) {', '.join(missing)}; found {', '.join(ds.column_names) or 'none'}"
+                                      if missing else "the file has no rows"))
     return ds
 
 
@@ -409,12 +405,10 @@ def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int) -> transformer
     top_k 20, repetition_penalty 1.1) would otherwise change the distribution that the log-probs describe."""
     return transformers.GenerationConfig(
         do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, typical_p=1.0,
-        repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
-        pad_token_id=pad_id)
+        repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
 
 
-def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int],
-           n: int) -> Rollouts:
+def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int], n: int) -> Rollouts:
     """n responses per prompt, batched, with the KV cache; each prompt is prefilled once, not n times."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
     ids, attn = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
@@ -434,27 +428,43 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, e
     return Rollouts(unpadded, resp, mask.float(), completions, ~is_eos.any(-1))
 
 
+class SharedPrompt(transformers.DynamicCache):
+    """A prompt's keys and values (batch 1) read by its n responses: update() returns prompt + new states without
+    storing them, so the prompt is never copied n times and a layer re-run by gradient checkpointing reads the same."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        n, layer = len(key_states), self.layers[layer_idx]
+        return (torch.cat([layer.keys.expand(n, -1, -1, -1), key_states], -2),
+                torch.cat([layer.values.expand(n, -1, -1, -1), value_states], -2))
+
+
 def sequence_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, response_ids: torch.Tensor,
-                      response_mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      response_mask: torch.Tensor, temperature: float,
+                      grad_ckpt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y_t | x, y_<t) of n responses to one prompt by teacher forcing, with logits / temperature.
-    The prompt runs once and its KV cache serves all n responses; the LM head runs on response positions
-    only. prompt_ids (P,), response_ids and response_mask (n, T) -> log-probs (n, T) and the prompt's
-    last hidden states (1, P, H), from the same forward, for log Z."""
+    The prompt runs once and its keys serve all n responses; the LM head runs on response positions only.
+    grad_ckpt: the responses' layer activations are recomputed in the backward pass instead of stored.
+    prompt_ids (P,), response_ids and response_mask (n, T) -> log-probs (n, T) and the prompt's last
+    hidden states (1, P, H), from the same forward, for log Z."""
     (n, T), P = response_ids.shape, len(prompt_ids)
     with torch.autocast(response_ids.device.type, torch.bfloat16, enabled=response_ids.device.type == "cuda"):
         prompt = model.base_model(input_ids=prompt_ids[None], use_cache=True)
-        cache = prompt.past_key_values
-        cache.batch_repeat_interleave(n)
+        cache = SharedPrompt(prompt.past_key_values)
         attn = torch.cat([torch.ones(n, P, dtype=response_mask.dtype, device=response_mask.device), response_mask], 1)
-        hidden = model.base_model(input_ids=response_ids, attention_mask=attn, past_key_values=cache, use_cache=True,
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for m in layers:  # HF checkpoints a layer with a cache only if marked as just reading it, as SharedPrompt is
+            m.gradient_checkpointing, m._can_checkpoint_with_cache = grad_ckpt and torch.is_grad_enabled(), True
+            m._gradient_checkpointing_func = lambda f, *a: checkpoint(f, *a, use_reentrant=False)
+        hidden = model.base_model(input_ids=response_ids, attention_mask=attn, past_key_values=cache, use_cache=False,
                                   position_ids=torch.arange(P, P + T, device=response_ids.device).expand(n, T))
+        for m in layers:  # the prompt's forward writes its cache: it must never be re-run
+            m.gradient_checkpointing = False
         # the logits of y_t come from the position before it: the last prompt token, then y_1 .. y_T-1
         h = torch.cat([prompt.last_hidden_state[:, -1:].expand(n, 1, -1), hidden.last_hidden_state[:, :-1]], 1)
         logits = model.get_output_embeddings()(h).float()  # (n, T, V)
     if temperature != 1.0:
         logits = logits / temperature
-    # log-softmax and gather in one call
-    logp = -F.cross_entropy(logits.flatten(0, 1), response_ids.flatten(), reduction="none").view(n, T)
+    logp = -F.cross_entropy(logits.flatten(0, 1), response_ids.flatten(), reduction="none").view(n, T)  # gathered log-softmax
     return logp, prompt.last_hidden_state
 
 
@@ -494,9 +504,8 @@ def evaluate(model: PreTrainedModel, tokenizer, eval_ds: Dataset, reward_fn: Rew
     rewards, _ = score_completions(reward_fn, r.completions, [a for a in rows["answer"] for _ in range(k)])
     correct = (rewards.view(-1, k) >= 1.0).sum(1).tolist()
     out = {"eval_acc": (rewards >= 1.0).float().mean().item(), "eval_distinct": distinct_answers(r.completions, k)}
-    for j in [2 ** i for i in range(k.bit_length()) if 2 ** i <= k]:
-        out[f"eval_pass@{j}"] = statistics.mean(pass_at_k(k, c, j) for c in correct)
-    return out
+    ks = [2 ** i for i in range(k.bit_length())]  # 1, 2, 4, ... up to k
+    return out | {f"eval_pass@{j}": statistics.mean(pass_at_k(k, c, j) for c in correct) for j in ks}
 
 
 # ----------------------------------------------------------------------------- training
@@ -521,8 +530,7 @@ def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
     """AdamW (decay on matrices) with linear warm-up; log Z_φ joins it, as in the official code, at its own lr."""
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "lr": cfg.lr},
               {"params": [p for p in model.parameters() if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
-    if logz is not None:
-        groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr})
+    groups += [{"params": list(logz.parameters()), "lr": cfg.logz_lr}] if logz is not None else []
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=False)  # no batched temporaries
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
@@ -531,7 +539,7 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
            ref_logp: torch.Tensor, old_logp: torch.Tensor | None, step: int) -> dict[str, float]:
     """epochs × mini-batches optimiser steps on one rollout batch, each accumulated over micro-batches. old_logp
     None means one on-policy update: π_old is then the detached current log-prob (no extra forward)."""
-    mask = r.mask
+    mask = r.mask  # (N, T)
     model.train()
     stats: dict[str, float] = {}
     n_updates = cfg.epochs * cfg.mini_batches
@@ -539,7 +547,8 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
         perm = torch.randperm(len(adv)) if cfg.mini_batches > 1 else torch.arange(len(adv))
         for mb in perm.chunk(cfg.mini_batches):
             for j, mi in by_prompt(mb, cfg.group_size, cfg.micro_batch):
-                logp, hidden = sequence_logprobs(model, r.prompts[j], r.response_ids[mi], mask[mi], cfg.temperature)
+                logp, hidden = sequence_logprobs(model, r.prompts[j], r.response_ids[mi], mask[mi], cfg.temperature,
+                                                 cfg.grad_ckpt)
                 old = logp.detach() if old_logp is None else old_logp[mi]
                 if logz is None:
                     loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi], cfg.clip_eps, cfg.kl_coef)
@@ -617,8 +626,6 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 log_file.write(json.dumps(m) + "\n")
                 log_file.flush()
                 bar.set_postfix(reward=f"{m['reward']:.2f}", logZ=f"{m.get('log_z', 0):.2f}", loss=f"{m['loss']:.3f}")
-                if cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
         except KeyboardInterrupt:
             tqdm.write(f"interrupted after step {history[-1]['step'] if history else 0}: saving and exiting")
     save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
@@ -627,8 +634,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
 
 def summarize(history: list[dict], device: torch.device) -> str:
     """The run's last metrics, its median step time split by phase (steps 2+), and its peak memory."""
-    evals = [{k[5:]: v for k, v in h.items() if k.startswith("eval_")} for h in history if "eval_acc" in h]
-    steps = [h for h in history if "reward" in h]
+    steps, evals = [h for h in history if "reward" in h], [h for h in history if "eval_acc" in h]
     if not steps:
         return "no step finished"
     timed = steps[1:] or steps  # step 1 pays one-off warm-up costs
@@ -638,8 +644,8 @@ def summarize(history: list[dict], device: torch.device) -> str:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     lines = [f"steps {len(steps)}  reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f}  distinct answers/group "
              + f"{steps[-1]['distinct']:.2f}"]
-    shown = ({"before": evals[0]} if len(evals) > 1 else {}) | ({"after ": evals[-1]} if evals else {})
-    lines += [f"held-out {when}  " + "  ".join(f"{k} {v:.3f}" for k, v in e.items()) for when, e in shown.items()]
+    for when, e in [("before", evals[0])] * (len(evals) > 1) + [("after ", evals[-1])] * bool(evals):
+        lines.append(f"held-out {when}  " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in e.items() if k.startswith("eval_")))
     lines.append(f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, "
                  + f"update {med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak "
                  + f"{'GPU' if device.type == 'cuda' else 'RSS'} memory {peak:.2f} GB")
@@ -663,8 +669,7 @@ def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
     out_f["grad_logp_norm"], out_f["grad_log_z_norm"] = (g.norm().item() for g in torch.autograd.grad(flow, [logp, log_z]))
     grpo, out_g = grpo_loss(logp, old, ref, mask, adv, cfg.clip_eps, cfg.kl_coef)
     out = {"flowrl": out_f, "grpo": {**out_g, "grad_logp_norm": torch.autograd.grad(grpo, logp)[0].norm().item()}}
-    for algo, st in out.items():
-        print(f"{algo}: " + "  ".join(f"{k} {v:.6g}" for k, v in st.items()))
+    print("\n".join(f"{algo}: " + "  ".join(f"{k} {v:.6g}" for k, v in st.items()) for algo, st in out.items()))
     return out
 
 

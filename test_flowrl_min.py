@@ -218,6 +218,32 @@ def test_teacher_forced_logprobs_equal_generation_scores(tiny):
     assert torch.allclose(fm.sequence_logprobs(model, prompt, resp[rows], mask[rows], 1.0)[0][m], ref[m], atol=1e-4)
 
 
+def test_grad_ckpt_recomputes_response_layers_only_and_changes_nothing(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    model.train()
+    prompt = tok(fm.format_prompt(tok, "What is 3 + 4?"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    resp, mask = torch.tensor([[15, 16, 17, 2], [20, 21, 2, 0]]), torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])
+    calls = []
+    model.base_model.layers[0].mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))  # batch size
+    grads = {}
+    for ckpt in (False, True):
+        calls.clear()
+        model.zero_grad()
+        logp, hidden = fm.sequence_logprobs(model, prompt, resp, mask, 0.7, grad_ckpt=ckpt)
+        ((logp * mask).sum() + hidden.mean()).backward()
+        grads[ckpt] = (logp.detach(), [p.grad.clone() for p in model.parameters()])
+        # the prompt (batch 1) runs once and is never re-run: its forward wrote the shared cache;
+        # under checkpointing the responses' layer (batch 2) runs again in the backward pass
+        assert calls == ([1, 2, 2] if ckpt else [1, 2])
+    assert torch.equal(grads[True][0], grads[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[True][1], grads[False][1]))
+    assert not any(m.gradient_checkpointing for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache"))
+    with torch.inference_mode():  # scoring without a graph never checkpoints
+        calls.clear()
+        fm.sequence_logprobs(model, prompt, resp, mask, 0.7, grad_ckpt=True)
+        assert calls == [1, 2]
+
+
 def test_sample_prefills_once_and_draws_what_plain_generate_draws(tiny):
     model, tok = tiny
     prompts = [fm.format_prompt(tok, "What is 2 + 2?"), fm.format_prompt(tok, "What is 12 * 37 - 5 + 1?")]
