@@ -648,7 +648,7 @@ def summarize(history: list[dict], device: torch.device) -> str:
         lines.append(f"held-out {when}  " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in e.items() if k.startswith("eval_")))
     lines.append(f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, "
                  + f"update {med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak "
-                 + f"{'GPU' if device.type == 'cuda' else 'RSS'} memory {peak:.2f} GB")
+                 + f"{'GPU' if device.type == 'cuda' else 'RSS'} memory {peak:.2f} GiB")
     return "\n".join(lines)
 
 

@@ -491,7 +491,7 @@ def test_slow_smollm2_two_steps(smollm2_dir, tmp_path):
     initial = AutoModelForCausalLM.from_pretrained(smollm2_dir).state_dict()
     out = tmp_path / "run"
     h = fm.main(["--model", smollm2_dir, "--steps", "2", "--prompts", "1", "--group-size", "2", "--max-new-tokens", "8",
-                 "--lr", "1e-5", "--eval-every", "0", "--eval-prompts", "1", "--eval-k", "2", "--out", str(out)])
+                 "--lr", "1e-5", "--eval-every", "0", "--eval-prompts", "1", "--eval-k", "2", "--grad-ckpt", "--out", str(out)])
     assert all(math.isfinite(m["loss"]) for m in h) and len(h) == 2
     reloaded = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
     assert reloaded.keys() == initial.keys()
