@@ -644,7 +644,7 @@ def summarize(history: list[dict], device: torch.device) -> str:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     lines = [f"steps {len(steps)}  reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f}  distinct answers/group "
              + f"{steps[-1]['distinct']:.2f}"]
-    for when, e in [("before", evals[0])] * (len(evals) > 1) + [("after ", evals[-1])] * bool(evals):
+    for when, e in ([("before", evals[0])] if len(evals) > 1 else []) + ([("after ", evals[-1])] if evals else []):
         lines.append(f"held-out {when}  " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in e.items() if k.startswith("eval_")))
     lines.append(f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, "
                  + f"update {med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak "
