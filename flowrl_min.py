@@ -44,7 +44,6 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 RewardFn = Callable[[str, str], float]
 TOY_TASKS = ("modes", "graded")
@@ -78,7 +77,7 @@ class Config:
     warmup_steps: int = opt(10, "linear learning-rate warm-up, in optimiser steps")
     epochs: int = opt(1, "passes over each rollout batch")
     mini_batches: int = opt(1, "optimiser steps per pass (w ≠ 1 from the second one on)")
-    micro_batch: int = opt(32, "responses per forward/backward, all of one prompt (gradient accumulation)")
+    micro_batch: int = opt(32, "responses per packed forward/backward, with their prompts (gradient accumulation)")
     grad_ckpt: bool = opt(False, "gradient checkpointing in the update: less memory, one more forward of the layers")
     eval_every: int = opt(25, "evaluate every N steps (0: only at the end)")
     eval_prompts: int = opt(16, "held-out prompts per evaluation")
@@ -198,18 +197,17 @@ def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
 
 
 class LogZ(nn.Module):
-    """log Z_φ(x): a 3-layer MLP on the masked mean of the policy's last hidden states over prompt tokens.
-    Not detached: its gradient flows into the LM, as in the paper. (N, L, H), (N, L) -> (N,)"""
+    """log Z_φ(x): a 3-layer MLP on the prompt's representation, the mean of the policy's last hidden
+    states over the prompt tokens (`sequence_logprobs` returns it from the same forward as log π_θ).
+    Not detached: its gradient flows into the LM, as in the paper. (N, H) -> (N,)"""
 
     def __init__(self, hidden: int, dropout: float = 0.1):
         super().__init__()
         block = lambda: [nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(dropout)]
         self.net = nn.Sequential(*block(), *block(), nn.Linear(hidden, 1))
 
-    def forward(self, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        m = prompt_mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (N, H)
-        return self.net(pooled.float()).squeeze(-1)
+    def forward(self, prompt_repr: torch.Tensor) -> torch.Tensor:
+        return self.net(prompt_repr.float()).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- data
@@ -392,6 +390,7 @@ class Rollouts:
     mask: torch.Tensor  # (N, T) float: 1 on every generated token up to and including the first EOS
     completions: list[str]  # N decoded responses
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
+    sample_logp: torch.Tensor  # (N, T): log π_θ(y_t) as the sampler computed it (logits / T, no top-p)
 
 
 def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -400,78 +399,143 @@ def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
-def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int) -> transformers.GenerationConfig:
-    """Pure temperature / top-p sampling. Every knob is pinned: a model's own generation_config (Qwen2.5-Instruct:
-    top_k 20, repetition_penalty 1.1) would otherwise change the distribution that the log-probs describe."""
-    return transformers.GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, typical_p=1.0,
-        repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
+def next_token(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_t ~ softmax(logits / T), renormalised over the nucleus (the most likely tokens whose mass
+    reaches top_p) when top_p < 1. Returns the tokens (A,) and their log-probs under softmax(logits / T)
+    (A,), the distribution the trainer's log-probs describe. logits (A, V)."""
+    probs = torch.softmax(logits.float() / temperature, -1)  # (A, V)
+    nucleus = probs
+    if top_p < 1.0:
+        p_sorted, order = probs.sort(-1, descending=True)
+        # a token stays while the mass of the tokens ranked above it is below top_p
+        p_sorted[p_sorted.cumsum(-1) - p_sorted >= top_p] = 0.0
+        nucleus = torch.zeros_like(probs).scatter_(-1, order, p_sorted)
+    # inverse-CDF draw: the first token whose cumulative mass exceeds u·total, u ~ U[0, 1) (a float32
+    # u < 1 − 2⁻²⁴ keeps u·total below the total, and a zero-mass token is never the first to exceed it)
+    cdf = nucleus.double().cumsum(-1)  # (A, V)
+    u = torch.rand(len(cdf), 1, device=cdf.device).double() * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()
 
 
-def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int], n: int) -> Rollouts:
-    """n responses per prompt, batched, with the KV cache; each prompt is prefilled once, not n times."""
+def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int],
+           n: int) -> Rollouts:
+    """n responses per prompt, one token per step with a KV cache. Each prompt is prefilled once and its
+    cache copied n times; a row that emits EOS leaves the batch, so finished rows cost nothing."""
+    device = model.device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
-    ids, attn = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+    ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # left-padded (B, P)
+    N, T = len(prompts) * n, cfg.max_new_tokens
+    eos = torch.tensor(eos_ids, device=device)
+    resp = torch.full((N, T), tokenizer.pad_token_id, device=device)
+    logp = torch.zeros(N, T, device=device)
+    rows = torch.arange(N, device=device)  # the rows still running
     model.eval()
-    with torch.inference_mode(), torch.autocast(model.device.type, torch.bfloat16, enabled=model.device.type == "cuda"):
-        cache = model.base_model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], use_cache=True,
-                                 position_ids=(attn[:, :-1].cumsum(-1) - 1).clamp(min=0)).past_key_values
-        cache.batch_repeat_interleave(n)  # generate() runs only the last prompt token, then samples
-        seq = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=attn.repeat_interleave(n, 0),
-                             past_key_values=cache, generation_config=sampling_config(cfg, eos_ids, tokenizer.pad_token_id))
-    resp = seq[:, ids.shape[1]:].clone()  # a clone outside inference mode can enter autograd
+    cuda = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+        out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits, attn = out.logits[:, -1].repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+        for t in range(T):
+            resp[rows, t], logp[rows, t] = next_token(logits, cfg.temperature, cfg.top_p)
+            running = ~torch.isin(resp[rows, t], eos)
+            if t == T - 1 or not running.any():
+                break
+            if not running.all():
+                # finished rows leave the batch and the cache
+                rows, attn = rows[running], attn[running]
+                cache.batch_select_indices(running.nonzero().squeeze(-1))
+            attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)
+            out = model(input_ids=resp[rows, t, None], attention_mask=attn, past_key_values=cache,
+                        position_ids=attn.sum(-1, keepdim=True) - 1, use_cache=True)
+            logits = out.logits[:, -1]
+    # clones made outside inference mode can enter autograd
+    resp, logp = resp.clone(), logp.clone()
     mask = response_mask(resp, eos_ids)
-    is_eos = torch.isin(resp, torch.tensor(eos_ids, device=resp.device))
+    is_eos = torch.isin(resp, eos)
     # decode exactly what was generated before EOS: a stray special token must not vanish from the text
-    completions = [tokenizer.decode(row[k]) for row, k in zip(resp, mask.bool() & ~is_eos)]
-    unpadded = [p[m.bool()].clone() for p, m in zip(ids, attn)]
-    return Rollouts(unpadded, resp, mask.float(), completions, ~is_eos.any(-1))
+    completions = tokenizer.batch_decode([row[k].tolist() for row, k in zip(resp, mask.bool() & ~is_eos)])
+    prompts_ids = [p[m.bool()] for p, m in zip(enc["input_ids"], enc["attention_mask"])]
+    return Rollouts([p.to(device) for p in prompts_ids], resp, mask.float(), completions,
+                    ~is_eos.any(-1), logp)
 
 
-class SharedPrompt(transformers.DynamicCache):
-    """A prompt's keys and values (batch 1) read by its n responses: update() returns prompt + new states without
-    storing them, so the prompt is never copied n times and a layer re-run by gradient checkpointing reads the same."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        n, layer = len(key_states), self.layers[layer_idx]
-        return (torch.cat([layer.keys.expand(n, -1, -1, -1), key_states], -2),
-                torch.cat([layer.values.expand(n, -1, -1, -1), value_states], -2))
-
-
-def sequence_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, response_ids: torch.Tensor,
-                      response_mask: torch.Tensor, temperature: float,
-                      grad_ckpt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y_t | x, y_<t) of n responses to one prompt by teacher forcing, with logits / temperature.
-    The prompt runs once and its keys serve all n responses; the LM head runs on response positions only.
-    grad_ckpt: the responses' layer activations are recomputed in the backward pass instead of stored.
-    prompt_ids (P,), response_ids and response_mask (n, T) -> log-probs (n, T) and the prompt's last
-    hidden states (1, P, H), from the same forward, for log Z."""
-    (n, T), P = response_ids.shape, len(prompt_ids)
-    with torch.autocast(response_ids.device.type, torch.bfloat16, enabled=response_ids.device.type == "cuda"):
-        prompt = model.base_model(input_ids=prompt_ids[None], use_cache=True)
-        cache = SharedPrompt(prompt.past_key_values)
-        attn = torch.cat([torch.ones(n, P, dtype=response_mask.dtype, device=response_mask.device), response_mask], 1)
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        for m in layers:  # HF checkpoints a layer with a cache only if marked as just reading it, as SharedPrompt is
-            m.gradient_checkpointing, m._can_checkpoint_with_cache = grad_ckpt and torch.is_grad_enabled(), True
-            m._gradient_checkpointing_func = lambda f, *a: checkpoint(f, *a, use_reentrant=False)
-        hidden = model.base_model(input_ids=response_ids, attention_mask=attn, past_key_values=cache, use_cache=False,
-                                  position_ids=torch.arange(P, P + T, device=response_ids.device).expand(n, T))
-        for m in layers:  # the prompt's forward writes its cache: it must never be re-run
-            m.gradient_checkpointing = False
-        # the logits of y_t come from the position before it: the last prompt token, then y_1 .. y_T-1
-        h = torch.cat([prompt.last_hidden_state[:, -1:].expand(n, 1, -1), hidden.last_hidden_state[:, :-1]], 1)
-        logits = model.get_output_embeddings()(h).float()  # (n, T, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = -F.cross_entropy(logits.flatten(0, 1), response_ids.flatten(), reduction="none").view(n, T)  # gathered log-softmax
-    return logp, prompt.last_hidden_state
+def pack(prompts: list[torch.Tensor], prompt_of: list[int], response_ids: torch.Tensor,
+         lengths: list[int]):
+    """Responses and their prompts as one sequence with no padding: each prompt once, before its first
+    response, then each response without its last token (nothing is predicted from it). A token sees
+    the earlier tokens of its own part and of its prompt, never another response or prompt.
+    prompts: token ids (P_j,); prompt_of[i]: the prompt of response i; response_ids (n, T);
+    lengths: |y_i|. Returns ids (S,), position ids (S,), the attention mask (S, S), for each response
+    token y_t in mask order the packed position whose hidden state predicts it (M,), and for each
+    response the packed span of its prompt."""
+    ids, positions, part, home, before = [], [], [], [], []
+    span: dict[int, tuple[int, int]] = {}
+    for i, (y, L, j) in enumerate(zip(response_ids, lengths, prompt_of)):
+        P = len(prompts[j])
+        if j not in span:
+            span[j] = (len(part), len(part) + P)
+            ids.append(prompts[j])
+            positions += range(P)
+            part += [span[j][0]] * P
+            home += [span[j][0]] * P
+        start = len(part)
+        # y_1 is predicted from the last prompt token, y_t from y_(t-1) at its packed position
+        before += [span[j][1] - 1] + list(range(start, start + L - 1))
+        ids.append(y[:L - 1])
+        positions += range(P, P + L - 1)
+        part += [start] * (L - 1)
+        home += [span[j][0]] * (L - 1)
+    device = response_ids.device
+    part, home = torch.tensor(part, device=device), torch.tensor(home, device=device)
+    same = (part[None, :] == part[:, None]) | (part[None, :] == home[:, None])
+    visible = same & torch.ones_like(same).tril()
+    return (torch.cat(ids), torch.tensor(positions, device=device), visible,
+            torch.tensor(before, device=device), [span[j] for j in prompt_of])
 
 
-def by_prompt(rows: torch.Tensor, group_size: int, micro_batch: int):
-    """(j, rows of prompt j) in chunks of at most micro_batch, so each forward shares one prompt."""
-    for j in (rows // group_size).unique().tolist():
-        yield from ((j, chunk) for chunk in rows[rows // group_size == j].split(micro_batch))
+def token_logprobs(lm_head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   chunk: int = 256) -> torch.Tensor:
+    """log softmax(lm_head(h) / T)[target] for each row of h, `chunk` rows at a time. With a graph, each
+    chunk's (chunk, V) logits are recomputed in the backward pass instead of stored, so a 150k-token
+    vocabulary never holds (M, V) floats. h (M, H), targets (M,) -> (M,)"""
+
+    def one_chunk(h_c: torch.Tensor, y_c: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h_c).float() / temperature  # (chunk, V)
+        return -F.cross_entropy(logits, y_c, reduction="none")
+
+    out = []
+    for h_c, y_c in zip(h.split(chunk), targets.split(chunk)):
+        if torch.is_grad_enabled():
+            out.append(checkpoint(one_chunk, h_c, y_c, use_reentrant=False))
+        else:
+            out.append(one_chunk(h_c, y_c))
+    return torch.cat(out)
+
+
+def sequence_logprobs(model: PreTrainedModel, prompts: list[torch.Tensor], prompt_of: list[int],
+                      response_ids: torch.Tensor, response_mask: torch.Tensor,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_t | x, y_<t) of n responses by teacher forcing, with logits / temperature, in one
+    forward over the packed sequence (`pack`): each prompt runs once for all its responses and no
+    layer or LM head sees padding. prompts: token ids (P_j,); prompt_of[i]: the prompt of response i;
+    response_ids and response_mask (n, T), every response at least one token. Returns the log-probs
+    (n, T), 0 off the mask, and each response's prompt representation for log Z (n, H): the mean of
+    the last hidden states over its prompt's tokens, from the same forward."""
+    mask = response_mask.bool()
+    lengths = mask.sum(-1).tolist()
+    ids, positions, visible, before, spans = pack(prompts, prompt_of, response_ids, lengths)
+    with torch.autocast(ids.device.type, torch.bfloat16, enabled=ids.device.type == "cuda"):
+        hidden = model.base_model(input_ids=ids[None], position_ids=positions[None],
+                                  attention_mask=visible[None, None]).last_hidden_state[0]  # (S, H)
+        flat = token_logprobs(model.get_output_embeddings(), hidden[before], response_ids[mask],
+                              temperature)  # (M,)
+    logp = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+    pooled = {(a, b): hidden[a:b].float().mean(0) for a, b in set(spans)}  # once per prompt
+    prompt_repr = torch.stack([pooled[s] for s in spans])  # (n, H)
+    return logp, prompt_repr
 
 
 @torch.inference_mode()
@@ -479,8 +543,10 @@ def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> torch.Tensor:
     """Per-token log-probs (N, T) of rollouts under a model, prompt by prompt, without a graph."""
     model.eval()
     out = torch.zeros_like(r.mask)
-    for j, rows in by_prompt(torch.arange(len(r.mask)), cfg.group_size, cfg.micro_batch):
-        out[rows] = sequence_logprobs(model, r.prompts[j], r.response_ids[rows], r.mask[rows], cfg.temperature)[0]
+    for rows in torch.arange(len(r.mask)).split(cfg.micro_batch):
+        prompt_of = (rows // cfg.group_size).tolist()
+        out[rows] = sequence_logprobs(model, r.prompts, prompt_of, r.response_ids[rows], r.mask[rows],
+                                      cfg.temperature)[0]
     return out
 
 
@@ -531,7 +597,7 @@ def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "lr": cfg.lr},
               {"params": [p for p in model.parameters() if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
     groups += [{"params": list(logz.parameters()), "lr": cfg.logz_lr}] if logz is not None else []
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=False)  # no batched temporaries
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
 
@@ -546,15 +612,16 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(adv)) if cfg.mini_batches > 1 else torch.arange(len(adv))
         for mb in perm.chunk(cfg.mini_batches):
-            for j, mi in by_prompt(mb, cfg.group_size, cfg.micro_batch):
-                logp, hidden = sequence_logprobs(model, r.prompts[j], r.response_ids[mi], mask[mi], cfg.temperature,
-                                                 cfg.grad_ckpt)
+            for mi in mb.split(cfg.micro_batch):
+                prompt_of = (mi // cfg.group_size).tolist()
+                logp, prompt_repr = sequence_logprobs(model, r.prompts, prompt_of, r.response_ids[mi],
+                                                      mask[mi], cfg.temperature)
                 old = logp.detach() if old_logp is None else old_logp[mi]
                 if logz is None:
                     loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi], cfg.clip_eps, cfg.kl_coef)
                     frac = (mask[mi].sum() / mask[mb].sum().clamp(min=1)).item()  # token-mean over the mini-batch
                 else:
-                    log_z = logz(hidden, torch.ones(hidden.shape[:2], device=hidden.device)).expand(len(mi))
+                    log_z = logz(prompt_repr)  # (n,): equal for the responses of one prompt
                     loss, st = flowrl_loss(logp, old, ref_logp[mi], mask[mi], log_z, adv[mi], cfg.beta,
                                            cfg.clip_low, cfg.clip_high, cfg.length_norm)
                     frac = len(mi) / len(mb)  # sequence-mean over the mini-batch
@@ -585,6 +652,8 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         torch.manual_seed(cfg.seed)
         logz = LogZ(model.config.hidden_size).to(device) if cfg.algo == "flowrl" else None
     opt, sched = make_optimizer(cfg, model, logz)
+    if cfg.grad_ckpt:  # layers recompute their activations in the backward pass (training mode only)
+        model.activation_checkpointing_enable({"use_reentrant": False})
     eos_ids = eos_token_ids(model, tokenizer)
     os.makedirs(cfg.out, exist_ok=True)
     order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

@@ -186,78 +186,126 @@ def test_response_mask_ends_at_first_eos():
     assert m.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
 
 
-def test_teacher_forced_logprobs_equal_generation_scores(tiny):
+def test_teacher_forced_logprobs_equal_the_samplers_own(tiny):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     # a model's own generation defaults must not leak into sampling: these would change the distribution
     model.generation_config.top_k, model.generation_config.repetition_penalty = 3, 1.5
+    tt.warm_start(model, tok, 0, steps=20)  # some rows end early: log-probs after rows left the batch
     torch.manual_seed(0)
-    prompts = [fm.format_prompt(tok, "What is 2 + 2?"), fm.format_prompt(tok, "What is 12 * 37 - 5 + 1?")]
+    prompts = [fm.format_prompt(tok, tt.question(*tt.PROMPTS[0])), fm.format_prompt(tok, "What is 2 + 2?")]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert (enc["attention_mask"] == 0).any()  # left padding is exercised
     eos = fm.eos_token_ids(model, tok)
     cfg = fm.parse_args(["--temperature", "0.7", "--max-new-tokens", "12"])
-    gen = fm.sampling_config(cfg, eos, tok.pad_token_id)
-    gen.num_return_sequences = 3
-    out = model.generate(**enc, generation_config=gen, output_scores=True, return_dict_in_generate=True)
-    resp = out.sequences[:, enc["input_ids"].shape[1]:]
-    mask = fm.response_mask(resp, eos).float()
-    scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
-    for j in range(2):
-        prompt = enc["input_ids"][j][enc["attention_mask"][j].bool()]
-        rows = torch.arange(3 * j, 3 * j + 3)
-        logp, hidden = fm.sequence_logprobs(model, prompt, resp[rows], mask[rows], 0.7)
-        assert hidden.shape == (1, len(prompt), model.config.hidden_size)
-        m = mask[rows].bool()
-        assert torch.allclose(logp[m], scores[rows][m], atol=1e-4)
-        wrong_t = fm.sequence_logprobs(model, prompt, resp[rows], mask[rows], 1.0)[0]
-        assert not torch.allclose(wrong_t[m], scores[rows][m], atol=1e-4)  # the temperature matters
-    # the batched prompt-sharing path agrees with one full forward over prompt + response
-    full = torch.cat([prompt.expand(3, -1), resp[rows]], 1)
-    logits = model(full, attention_mask=torch.cat([torch.ones(3, len(prompt)), mask[rows]], 1)).logits
-    ref = logits[:, len(prompt) - 1:-1].log_softmax(-1).gather(-1, resp[rows].unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(fm.sequence_logprobs(model, prompt, resp[rows], mask[rows], 1.0)[0][m], ref[m], atol=1e-4)
+    r = fm.sample(model, tok, prompts, cfg, eos, 3)
+    lengths = r.mask.sum(-1)
+    assert lengths.min() < lengths.max()  # rows of different lengths: finished rows left the batch
+    # both prompts and their 6 responses in one packed forward
+    logp, prompt_repr = fm.sequence_logprobs(model, r.prompts, [0, 0, 0, 1, 1, 1], r.response_ids, r.mask, 0.7)
+    assert prompt_repr.shape == (6, model.config.hidden_size)
+    m = r.mask.bool()
+    assert torch.allclose(logp[m], r.sample_logp[m], atol=1e-4)
+    assert torch.equal(logp[~m], torch.zeros((~m).sum().item()))
+    wrong_t = fm.sequence_logprobs(model, r.prompts, [0, 0, 0, 1, 1, 1], r.response_ids, r.mask, 1.0)[0]
+    assert not torch.allclose(wrong_t[m], r.sample_logp[m], atol=1e-4)  # the temperature matters
+    rows = torch.arange(3, 6)
+    # the packed path agrees with one plain forward over prompt + response, row by row
+    prompt = r.prompts[1]
+    for i in rows.tolist():
+        L = int(r.mask[i].sum())
+        full = torch.cat([prompt, r.response_ids[i, :L]])[None]
+        logits = model(full).logits[0, len(prompt) - 1:-1] / 0.7
+        ref = logits.log_softmax(-1).gather(-1, r.response_ids[i, :L, None]).squeeze(-1)
+        assert torch.allclose(r.sample_logp[i, :L], ref, atol=1e-4)
 
 
-def test_grad_ckpt_recomputes_response_layers_only_and_changes_nothing(tiny):
+def test_sampler_prefills_once_and_finished_rows_cost_nothing(tiny):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
-    model.train()
+    tt.warm_start(model, tok, 0, steps=20)  # a little format training: some rows end early, some run on
+    prompts = [fm.format_prompt(tok, tt.question(*tt.PROMPTS[0])), fm.format_prompt(tok, "What is 2 + 2?")]
+    cfg = fm.parse_args(["--max-new-tokens", "10"])
+    eos = fm.eos_token_ids(model, tok)
+    seen = []  # (batch rows, tokens per row) of every forward through the first layer
+    model.base_model.layers[0].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+    torch.manual_seed(1)
+    r = fm.sample(model, tok, prompts, cfg, eos, 4)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert [len(p) for p in r.prompts] == enc["attention_mask"].sum(1).tolist()
+    assert seen[0] == (2, enc["input_ids"].shape[1])  # each prompt prefilled once, not 4 times
+    # decode step t runs only the rows with no EOS among their first t tokens, one token each
+    running = [int(r.mask[:, t].sum()) for t in range(1, 10)]
+    assert [b for b, _ in seen[1:]] == [n for n in running if n > 0]
+    assert all(t == 1 for _, t in seen[1:])
+    assert sum(b for b, _ in seen[1:]) == r.mask.sum() - 8  # every row-step made a response token
+    assert 0 == running[-1] < running[1] < running[0] < 8  # rows left the batch at different steps
+
+
+def test_top_p_samples_the_renormalised_nucleus():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])).expand(40000, 5)
+    tokens, logp = fm.next_token(logits, 1.0, 0.8)  # nucleus: 0.5 + 0.2 + 0.15 reaches 0.8
+    freq = torch.bincount(tokens, minlength=5) / len(tokens)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85, atol=0.01)
+    assert freq[3:].sum() == 0  # outside the nucleus: never drawn
+    # log-probs are those of the full softmax(logits / T), which the trainer's log-probs describe
+    assert torch.allclose(logp, torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))[tokens])
+    hot = fm.next_token(logits, 0.5, 1.0)[0]  # temperature 0.5: p ∝ p_ref²
+    expected = torch.tensor([0.25, 0.04, 0.0225, 0.01, 0.0025]) / 0.325
+    assert torch.allclose(torch.bincount(hot, minlength=5) / len(hot), expected, atol=0.01)
+
+
+def test_no_compute_on_padding_and_chunked_lm_head_changes_nothing(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    prompt = tok(fm.format_prompt(tok, "What is 3 + 4?"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    resp = torch.tensor([[15, 16, 17, 2, 0, 0], [20, 2, 0, 0, 0, 0], [30, 31, 32, 33, 34, 2]])
+    mask = (torch.arange(6) < torch.tensor([[4], [2], [6]])).float()
+    tokens = []
+    model.base_model.layers[0].mlp.register_forward_pre_hook(lambda m, a: tokens.append(a[0].shape[:2]))
+    logp, _ = fm.sequence_logprobs(model, [prompt], [0, 0, 0], resp, mask, 0.7)
+    # the layers see the prompt once and each response without its last token: no padding at all
+    assert tokens == [(1, len(prompt) + 3 + 1 + 5)]
+    # each row equals its own unpadded forward
+    for i, L in enumerate([4, 2, 6]):
+        alone, _ = fm.sequence_logprobs(model, [prompt], [0], resp[i:i + 1, :L], mask[i:i + 1, :L], 0.7)
+        assert torch.allclose(alone[0], logp[i, :L], atol=1e-5)
+    # the LM head in chunks of 2 rows, recomputed in backward: the same values and gradients
+    h = torch.randn(7, model.config.hidden_size, requires_grad=True)
+    y = torch.randint(0, model.config.vocab_size, (7,))
+    head = model.get_output_embeddings()
+    plain = (head(h) / 0.7).log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+    chunked = fm.token_logprobs(head, h, y, 0.7, chunk=2)
+    assert torch.allclose(chunked, plain, atol=1e-6)
+    g_plain = torch.autograd.grad((plain * torch.arange(7)).sum(), [h, head.weight])
+    g_chunk = torch.autograd.grad((chunked * torch.arange(7)).sum(), [h, head.weight])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_plain, g_chunk))
+
+
+def test_grad_ckpt_recomputes_layers_and_changes_nothing(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
     prompt = tok(fm.format_prompt(tok, "What is 3 + 4?"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     resp, mask = torch.tensor([[15, 16, 17, 2], [20, 21, 2, 0]]), torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])
     calls = []
-    model.base_model.layers[0].mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))  # batch size
+    model.base_model.layers[0].mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
     grads = {}
     for ckpt in (False, True):
+        if ckpt:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
         calls.clear()
         model.zero_grad()
-        logp, hidden = fm.sequence_logprobs(model, prompt, resp, mask, 0.7, grad_ckpt=ckpt)
+        logp, hidden = fm.sequence_logprobs(model, [prompt], [0, 0], resp, mask, 0.7)
         ((logp * mask).sum() + hidden.mean()).backward()
         grads[ckpt] = (logp.detach(), [p.grad.clone() for p in model.parameters()])
-        # the prompt (batch 1) runs once and is never re-run: its forward wrote the shared cache;
-        # under checkpointing the responses' layer (batch 2) runs again in the backward pass
-        assert calls == ([1, 2, 2] if ckpt else [1, 2])
+        # under checkpointing the layer runs again in the backward pass
+        S = len(prompt) + 3 + 2
+        assert calls == ([S, S] if ckpt else [S])
     assert torch.equal(grads[True][0], grads[False][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[True][1], grads[False][1]))
-    assert not any(m.gradient_checkpointing for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache"))
-    with torch.inference_mode():  # scoring without a graph never checkpoints
-        calls.clear()
-        fm.sequence_logprobs(model, prompt, resp, mask, 0.7, grad_ckpt=True)
-        assert calls == [1, 2]
-
-
-def test_sample_prefills_once_and_draws_what_plain_generate_draws(tiny):
-    model, tok = tiny
-    prompts = [fm.format_prompt(tok, "What is 2 + 2?"), fm.format_prompt(tok, "What is 12 * 37 - 5 + 1?")]
-    cfg = fm.parse_args(["--max-new-tokens", "10"])
-    eos = fm.eos_token_ids(model, tok)
-    torch.manual_seed(1)
-    r = fm.sample(model, tok, prompts, cfg, eos, 4)
-    torch.manual_seed(1)
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    gen = fm.sampling_config(cfg, eos, tok.pad_token_id)
-    gen.num_return_sequences = 4
-    plain = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:]
-    assert torch.equal(r.response_ids, plain)
-    assert r.mask.sum() > 8 and [len(p) for p in r.prompts] == enc["attention_mask"].sum(1).tolist()
+    model.eval()  # scoring in eval mode never checkpoints
+    calls.clear()
+    with torch.inference_mode():
+        fm.sequence_logprobs(model, [prompt], [0, 0], resp, mask, 0.7)
+    assert calls == [S]
 
 
 def test_log_z_depends_on_prompt_only_and_ignores_left_padding(tiny):
@@ -266,18 +314,22 @@ def test_log_z_depends_on_prompt_only_and_ignores_left_padding(tiny):
     logz = fm.LogZ(model.config.hidden_size).eval()
     prompt = tok(fm.format_prompt(tok, "What is 3 + 4?"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     ones = torch.ones(2, 3)
-    _, h_a = fm.sequence_logprobs(model, prompt, torch.tensor([[15, 16, 17], [20, 21, 2]]), ones, 1.0)
-    _, h_b = fm.sequence_logprobs(model, prompt, torch.tensor([[40, 41, 2], [7, 8, 9]]), ones, 1.0)
-    z = logz(h_a, torch.ones(h_a.shape[:2])).item()
-    assert z == pytest.approx(logz(h_b, torch.ones(h_b.shape[:2])).item(), abs=1e-6)
-    # a left-padded copy of the prompt, run as generate() runs it, pools to the same log Z
+    _, h_a = fm.sequence_logprobs(model, [prompt], [0, 0], torch.tensor([[15, 16, 17], [20, 21, 2]]), ones, 1.0)
+    _, h_b = fm.sequence_logprobs(model, [prompt], [0, 0], torch.tensor([[40, 41, 2], [7, 8, 9]]), ones, 1.0)
+    z = logz(h_a)
+    assert z[0].item() == pytest.approx(z[1].item(), abs=1e-6)  # one value per prompt
+    assert z[0].item() == pytest.approx(logz(h_b)[0].item(), abs=1e-6)  # whatever the responses
+    # a left-padded copy of the prompt, run as the sampler runs it, pools to the same log Z
     padded = torch.cat([torch.full((5,), tok.pad_token_id), prompt])[None]
     attn = torch.cat([torch.zeros(1, 5), torch.ones(1, len(prompt))], 1).long()
     h_pad = model.base_model(input_ids=padded, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
-    assert logz(h_pad.last_hidden_state, attn).item() == pytest.approx(z, abs=1e-5)
+    pooled = h_pad.last_hidden_state[0, 5:].mean(0, keepdim=True)
+    assert logz(pooled).item() == pytest.approx(z[0].item(), abs=1e-5)
+    # packed with another prompt's responses: each response gets its own prompt's value
     other = tok(fm.format_prompt(tok, "What is 9 * 9?"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    _, h_c = fm.sequence_logprobs(model, other, torch.tensor([[15, 16, 17]]), torch.ones(1, 3), 1.0)
-    assert logz(h_c, torch.ones(h_c.shape[:2])).item() != pytest.approx(z, abs=1e-5)
+    _, h_c = fm.sequence_logprobs(model, [prompt, other], [1, 0], torch.tensor([[15, 16, 17], [15, 16, 17]]), ones, 1.0)
+    z_c = logz(h_c)
+    assert z_c[1].item() == pytest.approx(z[0].item(), abs=1e-5) and z_c[0].item() != pytest.approx(z[0].item(), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- training

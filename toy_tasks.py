@@ -74,7 +74,7 @@ def answer_logprobs(model, tokenizer, q: str) -> torch.Tensor:
     """Exact log π(a + EOS | x) for every answer a, in one teacher-forced forward. (A,)"""
     prompt, ids, mask = (x.to(model.device) for x in answer_batch(tokenizer, q))
     model.eval()
-    logp, _ = fm.sequence_logprobs(model, prompt, ids, mask, 1.0)
+    logp, _ = fm.sequence_logprobs(model, [prompt], [0] * len(ids), ids, mask, 1.0)
     return torch.where(mask.bool(), logp, 0.0).sum(-1).cpu()
 
 
@@ -116,7 +116,7 @@ def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3, 
         loss = 0.0
         for (prompt, ids, mask), wts in zip(batches, weights):
             pick = torch.multinomial(wts, 16, replacement=True, generator=g)
-            logp, _ = fm.sequence_logprobs(model, prompt, ids[pick], mask[pick], 1.0)
+            logp, _ = fm.sequence_logprobs(model, [prompt], [0] * len(pick), ids[pick], mask[pick], 1.0)
             loss = loss - fm.masked_mean(logp, mask[pick]) / len(batches)
         opt.zero_grad()
         loss.backward()
