@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import difflib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import resource
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +48,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 RewardFn = Callable[[str, str], float]
+LORA_LR = 2e-5  # default --lr with --lora-r (README: how it was chosen)
 TOY_TASKS = ("modes", "graded")
 
 
@@ -58,7 +61,7 @@ def opt(default, help: str):
 class Config:
     model: str = opt("tiny", "'tiny' (random Qwen2, offline), a hub id (bare 'Qwen2.5-0.5B' means Qwen/...) or a local dir")
     dataset: str = opt("auto", "auto | modes | graded | arith | gsm8k | a .jsonl/.json/.csv/.parquet file (question, answer)")
-    algo: str = opt("flowrl", "flowrl | grpo")
+    algo: str = opt("flowrl", "FlowRL, or the GRPO baseline with everything else identical")
     steps: int = opt(None, "rollout batches (default: 200 on the tiny model, 50 otherwise)")
     prompts: int = opt(4, "prompts per rollout batch")
     group_size: int = opt(8, "G: responses sampled per prompt")
@@ -78,45 +81,103 @@ class Config:
     epochs: int = opt(1, "passes over each rollout batch")
     mini_batches: int = opt(1, "optimiser steps per pass (w ≠ 1 from the second one on)")
     micro_batch: int = opt(32, "responses per packed forward/backward, with their prompts (gradient accumulation)")
-    grad_ckpt: bool = opt(False, "gradient checkpointing in the update: less memory, one more forward of the layers")
+    grad_ckpt: bool = opt(None, "activation checkpointing in the update: far less memory for one more "
+                          "forward of the layers (default: on, off for the tiny model)")
+    lora_r: int = opt(0, "LoRA rank on every attention and MLP projection, 0 for full fine-tuning; π_ref "
+                      "is then the base model with the adapters off (needs: pip install peft)")
+    lora_alpha: float = opt(None, "LoRA α; the adapter's output is scaled by α / r (default: 2·r)")
     eval_every: int = opt(25, "evaluate every N steps (0: only at the end)")
     eval_prompts: int = opt(16, "held-out prompts per evaluation")
     eval_k: int = opt(8, "samples per held-out prompt (mean accuracy and pass@k)")
     out: str = opt("out", "output directory: metrics.jsonl and checkpoint/")
+    overwrite: bool = opt(False, "replace a run already in --out")
     seed: int = opt(0, "seed for weights, data order and sampling")
     check_batch: str = opt("", "a torch.save'd dict of tensors: print our losses and gradients for it, then exit")
 
 
+# --help shows the flags in these groups, each starting at the named field
+HELP_GROUPS = {"model": "model, data and batch", "max_new_tokens": "sampling",
+               "beta": "FlowRL objective", "clip_eps": "GRPO baseline", "lr": "optimisation",
+               "eval_every": "evaluation and output"}
+CHOICES = {"algo": ["flowrl", "grpo"]}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and a close match for a mistyped flag."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flags = ["--" + f.name.replace("_", "-") for f in fields(Config)]
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        die(f"{message}; see --help")
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Flags into a Config; the defaults that depend on the model or task are filled in here."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = p
     for f in fields(Config):
+        if f.name in HELP_GROUPS:
+            group = p.add_argument_group(HELP_GROUPS[f.name])
         flag = "--" + f.name.replace("_", "-")
-        kind = ({"action": argparse.BooleanOptionalAction} if f.type == "bool"
-                else {"type": {"int": int, "float": float, "str": str}[f.type]})
-        p.add_argument(flag, default=f.default, help=f.metadata["help"], **kind)
+        help = f.metadata["help"]
+        if f.default is not None and f.default != "":
+            help += f" (default: {f.default})"
+        if f.type == "bool":
+            group.add_argument(flag, default=f.default, help=help, action=argparse.BooleanOptionalAction)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            group.add_argument(flag, default=f.default, help=help, type=kind, choices=CHOICES.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
-    tiny = cfg.model == "tiny"
-    cfg.dataset = ("modes" if tiny else "arith") if cfg.dataset == "auto" else cfg.dataset
-    cfg.steps = cfg.steps if cfg.steps is not None else 200 if tiny else 50
-    cfg.max_new_tokens = cfg.max_new_tokens if cfg.max_new_tokens is not None else 4 if cfg.dataset in TOY_TASKS else 128
-    cfg.lr = cfg.lr if cfg.lr is not None else 3e-4 if tiny else 1e-6
-    cfg.logz_lr = cfg.logz_lr if cfg.logz_lr is not None else 1e-2 if tiny else cfg.lr
-    checks = [(cfg.algo in ("flowrl", "grpo"), f"--algo must be flowrl or grpo, not {cfg.algo!r}"),
-              (cfg.group_size >= 2, "--group-size must be at least 2: group normalisation needs 2 responses"),
-              (min(cfg.steps, cfg.prompts, cfg.max_new_tokens, cfg.epochs, cfg.mini_batches, cfg.micro_batch) > 0,
-               "--steps, --prompts, --max-new-tokens, --epochs, --mini-batches and --micro-batch must be positive"),
+    fill_defaults(cfg)
+    has_run = os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
+    checks = [(cfg.group_size >= 2, "--group-size must be at least 2: group normalisation needs 2 responses"),
+              (min(cfg.steps, cfg.prompts, cfg.max_new_tokens, cfg.epochs, cfg.mini_batches,
+                   cfg.micro_batch) > 0,
+               ("--steps, --prompts, --max-new-tokens, --epochs, --mini-batches and --micro-batch must "
+                "be positive")),
               (cfg.lr > 0 and cfg.logz_lr > 0, "--lr and --logz-lr must be positive"),
+              (cfg.lora_r >= 0, "--lora-r must be 0 (full fine-tuning) or a positive rank"),
               (cfg.temperature > 0 and 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
               (cfg.eval_k > 0 and cfg.eval_prompts > 0, "--eval-k and --eval-prompts must be positive"),
-              (not os.path.isfile(cfg.out), f"--out {cfg.out} is an existing file; give a directory path")]
+              (not os.path.isfile(cfg.out), f"--out {cfg.out} is an existing file; give a directory path"),
+              (cfg.overwrite or cfg.check_batch or not has_run,
+               f"--out {cfg.out} already holds a run; pass another --out, or --overwrite to replace it")]
     for ok, msg in checks:
         if not ok:
             die(msg)
     return cfg
 
 
+def fill_defaults(cfg: Config) -> None:
+    """The defaults that depend on the model (the tiny one trains fast and small) or the task."""
+    tiny = cfg.model == "tiny"
+    if cfg.dataset == "auto":
+        cfg.dataset = "modes" if tiny else "arith"
+    lr = LORA_LR if cfg.lora_r else 1e-6
+    # flag: (its default for a pretrained model, for the tiny model)
+    by_model = {"steps": (50, 200), "lr": (lr, 3e-4), "grad_ckpt": (True, False)}
+    for name, (pretrained, small) in by_model.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, small if tiny else pretrained)
+    if cfg.logz_lr is None:
+        cfg.logz_lr = 1e-2 if tiny else cfg.lr
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = 4 if cfg.dataset in TOY_TASKS else 128
+    if cfg.lora_alpha is None:
+        cfg.lora_alpha = 2.0 * cfg.lora_r
+
+
 def die(msg: str):  # one clear line on stderr, exit status 1, no traceback
     raise SystemExit(f"error: {msg}")
+
+
+def warn(msg: str) -> None:  # one line on stderr; the run goes on
+    print(f"warning: {msg}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- model
@@ -187,6 +248,17 @@ def load_model(name: str, seed: int) -> tuple[PreTrainedModel, transformers.PreT
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     return model, tokenizer
+
+
+def add_lora(model: PreTrainedModel, r: int, alpha: float) -> PreTrainedModel:
+    """LoRA adapters (rank r, scale α/r) on every linear layer but the LM head, through transformers'
+    peft integration; the base weights are frozen, and model.disable_adapters() gives them back."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        die("--lora-r needs the peft package: pip install peft")
+    model.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0))
+    return model
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
@@ -260,6 +332,11 @@ def load_data(cfg: Config) -> tuple[Dataset, Dataset, RewardFn]:
     else:
         ds = load_file_dataset(cfg.dataset).map(lambda r: {"question": str(r["question"]), "answer": str(r["answer"])})
         n_eval = min(100, len(ds) // 5)
+        if n_eval < 16:
+            held = f"{n_eval} held out for evaluation"
+            if not n_eval:
+                held = "too few to hold any out: evaluation reuses the training rows"
+            warn(f"--dataset {cfg.dataset} has only {len(ds)} rows; {held}")
         split = ds.train_test_split(test_size=n_eval, seed=cfg.seed) if n_eval else {"train": ds, "test": ds}
         train, test = split["train"], split["test"]
     add = lambda r: {"question": r["question"] + MATH_INSTRUCTION}
@@ -550,6 +627,19 @@ def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> torch.Tensor:
     return out
 
 
+def reference_logprobs(model: PreTrainedModel, ref: PreTrainedModel | None, r: Rollouts,
+                       cfg: Config) -> torch.Tensor:
+    """log π_ref per token (N, T): the frozen copy, or with LoRA (ref None) the policy's own base
+    weights, its adapters switched off for this forward."""
+    if ref is not None:
+        return score(ref, r, cfg)
+    model.disable_adapters()
+    try:
+        return score(model, r, cfg)
+    finally:
+        model.enable_adapters()
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k)."""
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -584,6 +674,12 @@ def save_checkpoint(out: str, model: PreTrainedModel, tokenizer, logz: LogZ | No
         torch.save(logz.state_dict(), os.path.join(tmp, "logz.pt"))
     with open(os.path.join(tmp, "flowrl_config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
+    # temporary files are private (0600, 0700): give the checkpoint the modes the user's umask gives
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    os.chmod(tmp, 0o777 & ~umask)
     old = final + ".old"
     if os.path.exists(final):
         os.replace(final, old)
@@ -594,8 +690,9 @@ def save_checkpoint(out: str, model: PreTrainedModel, tokenizer, logz: LogZ | No
 
 def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
     """AdamW (decay on matrices) with linear warm-up; log Z_φ joins it, as in the official code, at its own lr."""
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "lr": cfg.lr},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "lr": cfg.lr},
+              {"params": [p for p in trainable if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0}]
     groups += [{"params": list(logz.parameters()), "lr": cfg.logz_lr}] if logz is not None else []
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -647,7 +744,11 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
     π_ref defaults to a frozen snapshot of the initial policy; on_step(step, model) may add metrics.
     Writes <out>/metrics.jsonl (one line per step) and <out>/checkpoint; returns the metrics."""
     device, G = model.device, cfg.group_size
-    ref = (ref if ref is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+    # with LoRA π_ref needs no copy: it is the policy with its adapters switched off
+    if ref is None and not cfg.lora_r:
+        ref = copy.deepcopy(model)
+    if ref is not None:
+        ref.eval().requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # its own seed: GRPO and FlowRL then draw the same first rollouts
         torch.manual_seed(cfg.seed)
         logz = LogZ(model.config.hidden_size).to(device) if cfg.algo == "flowrl" else None
@@ -676,7 +777,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 adv = group_normalize(rewards, G).to(device)  # r̂ (N,)
                 t1 = time.perf_counter()
                 # 2. π_ref once per rollout batch; π_old only when it differs from the policy being updated
-                ref_logp = score(ref, r, cfg)
+                ref_logp = reference_logprobs(model, ref, r, cfg)
                 old_logp = None if cfg.epochs == cfg.mini_batches == 1 else score(model, r, cfg)
                 t2 = time.perf_counter()
                 # 3. the FlowRL (or GRPO) update
@@ -725,7 +826,9 @@ def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
     """Our losses and gradients, in float64, for tensors from another implementation (README: sanity-checking).
     The file is a dict saved with torch.save: logp, ref_logp, mask (N, T) and adv (N,), or rewards (N,) with
     group_size; optionally old_logp (N, T; default: logp, one on-policy update) and log_z (N,; default 0)."""
-    b = torch.load(cfg.check_batch, map_location="cpu", weights_only=True) if os.path.isfile(cfg.check_batch) else {}
+    if not os.path.isfile(cfg.check_batch):
+        die(f"--check-batch {cfg.check_batch}: no such file")
+    b = torch.load(cfg.check_batch, map_location="cpu", weights_only=True)
     missing = [k for k in ("logp", "ref_logp", "mask") if k not in b]
     missing += [] if "adv" in b or {"rewards", "group_size"} <= set(b) else ["adv (or rewards and group_size)"]
     if missing:
@@ -755,10 +858,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(cfg.model, cfg.seed)
     train_ds, eval_ds, reward_fn = load_data(cfg)
+    if cfg.model == "tiny" and cfg.dataset not in TOY_TASKS:
+        warn(f"--model tiny is a random 0.1M-parameter model and cannot answer --dataset {cfg.dataset}; "
+             "pass --model with a pretrained model (a hub id or a local directory)")
     model.to(device)
     if cfg.model == "tiny" and cfg.dataset in TOY_TASKS:
         import toy_tasks  # a random model cannot find the answer format by itself: teach π_ref the format first
         toy_tasks.warm_start(model, tokenizer, cfg.seed)
+    if cfg.lora_r:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha)
     history = train(cfg, model, tokenizer, train_ds, eval_ds, reward_fn)
     print(summarize(history, device))
     print(f"metrics: {os.path.join(cfg.out, 'metrics.jsonl')}  checkpoint: {os.path.join(cfg.out, 'checkpoint')}")

@@ -338,13 +338,13 @@ def _args(out, *extra):
             "--eval-k", "2", "--out", str(out), *extra]
 
 
-def test_reference_frozen_while_policy_moves(tiny):
+def test_reference_frozen_while_policy_moves(tiny, tmp_path):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     tt.warm_start(model, tok, 0, steps=5)
     ref = copy.deepcopy(model)
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     train_ds, eval_ds, reward_fn = tt.make_task("modes")
-    cfg = fm.parse_args(["--dataset", "modes", "--steps", "2", "--eval-k", "2", "--out", "/tmp/_flowrl_ref_test"])
+    cfg = fm.parse_args(["--dataset", "modes", "--steps", "2", "--eval-k", "2", "--out", str(tmp_path)])
     fm.train(cfg, model, tok, train_ds, eval_ds, reward_fn, ref=ref)
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -411,6 +411,63 @@ def test_interrupt_saves_and_nan_stops(tiny, tmp_path):
         fm.main(["--steps", "5", "--beta", "nan", "--out", str(tmp_path / "n")])
 
 
+# ----------------------------------------------------------------------------- LoRA
+def test_lora_reference_is_the_base_model_and_only_adapters_and_log_z_move(tiny, tmp_path):
+    base, tok = copy.deepcopy(tiny[0]), tiny[1]
+    tt.warm_start(base, tok, 0, steps=20)
+    model = fm.add_lora(copy.deepcopy(base), 4, 8.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_ds, eval_ds, reward_fn = tt.make_task("modes")
+    cfg = fm.parse_args(["--dataset", "modes", "--steps", "3", "--lora-r", "4", "--lr", "1e-2", "--eval-every", "0",
+                         "--eval-k", "2", "--out", str(tmp_path)])
+    assert cfg.lora_alpha == 8.0 and not cfg.grad_ckpt
+    torch.manual_seed(0)
+    r = fm.sample(model, tok, [fm.format_prompt(tok, tt.question(*tt.PROMPTS[0]))] * 2, cfg, fm.eos_token_ids(model, tok), 8)
+    base_logp = fm.score(base, r, cfg)
+    assert torch.equal(fm.reference_logprobs(model, None, r, cfg), base_logp)  # π_ref: exactly the base model
+    assert torch.equal(fm.score(model, r, cfg), base_logp)  # B = 0 at the start: π_θ = π_ref
+    fm.train(cfg, model, tok, train_ds, eval_ds, reward_fn)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("lora_" in k for k in moved)  # the base weights never move
+    assert torch.equal(fm.reference_logprobs(model, None, r, cfg), base_logp)  # π_ref stays fixed
+    assert not torch.allclose(fm.score(model, r, cfg), base_logp, atol=1e-3)  # while the policy moved
+    assert model.active_adapters() == ["default"]  # switched back on after scoring π_ref
+    assert (tmp_path / "checkpoint" / "logz.pt").exists()
+
+
+def test_lora_checkpoint_reloads_with_peft_to_identical_logprobs(tiny_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+    seen = {}
+    real_train = fm.train
+
+    def spy(cfg, model, *a, **k):
+        seen["model"] = model
+        return real_train(cfg, model, *a, **k)
+
+    monkeypatch.setattr(fm, "train", spy)
+    out = tmp_path / "run"
+    fm.main(["--model", tiny_dir, "--dataset", "modes", "--lora-r", "4", "--lr", "1e-2", *_args(out)[2:]])
+    files = set(os.listdir(out / "checkpoint"))
+    assert {"adapter_model.safetensors", "adapter_config.json", "logz.pt"} <= files and "model.safetensors" not in files
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out / "checkpoint").eval()
+    model = seen["model"].eval()
+    tok = fm.load_model(tiny_dir, 0)[1]
+    prompt = tok(fm.format_prompt(tok, tt.question(*tt.PROMPTS[0])), return_tensors="pt", add_special_tokens=False)
+    ids = torch.cat([prompt["input_ids"], torch.tensor([[15, 16, 2]])], 1)
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+        plain = AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits
+        assert not torch.allclose(plain, model(ids).logits, atol=1e-4)  # the adapter carries the training
+
+
+def test_lora_without_peft_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)  # import peft now fails
+    with pytest.raises(SystemExit, match=r"^error: --lora-r needs the peft package: pip install peft$"):
+        fm.main(["--lora-r", "4", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("extra, message", [
     (["--group-size", "1"], "group-size must be at least 2"),
@@ -418,7 +475,9 @@ def test_interrupt_saves_and_nan_stops(tiny, tmp_path):
     (["--prompts", "-1"], "must be positive"),
     (["--max-new-tokens", "0"], "must be positive"),
     (["--lr", "0"], "--lr and --logz-lr must be positive"),
-    (["--algo", "ppo"], "--algo must be flowrl or grpo"),
+    (["--algo", "ppo"], "argument --algo: invalid choice: 'ppo'"),
+    (["--stpes", "3"], "unrecognized arguments: --stpes 3 (did you mean --steps?); see --help"),
+    (["--lora-r", "-1"], "--lora-r must be 0"),
     (["--model", "./no/such/model"], "no such directory"),
     (["--model", "no-such-org/no-such-model-xyz"], "hub cannot be reached"),
     (["--dataset", "missing.jsonl"], "no such file"),
@@ -430,6 +489,68 @@ def test_bad_input_is_one_clear_line(extra, message, tmp_path, monkeypatch, caps
         fm.main(["--out", str(out), *extra])
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
     assert not out.exists()  # nothing written
+
+
+def test_help_lists_every_default_choice_and_group(capsys):
+    with pytest.raises(SystemExit) as e:
+        fm.parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in fm.fields(fm.Config):
+        assert "--" + f.name.replace("_", "-") in text
+        if f.default not in (None, ""):
+            assert f"(default: {f.default})" in text, f.name
+    assert "{flowrl,grpo}" in text and "auto | modes | graded | arith | gsm8k" in text
+    assert all(title + ":" in text for title in fm.HELP_GROUPS.values())
+
+
+def test_out_holding_a_run_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    fm.main(["--steps", "1", "--eval-every", "0", "--eval-k", "2", "--out", str(out)])
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match=r"^error: --out .* already holds a run; pass another --out, or --overwrite"):
+        fm.main(["--steps", "2", "--out", str(out)])
+    assert (out / "metrics.jsonl").read_text() == before  # untouched
+    h = fm.main(["--steps", "2", "--eval-every", "0", "--eval-k", "2", "--out", str(out), "--overwrite"])
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(h) == 2
+
+
+def test_checkpoint_keeps_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fm.main(["--steps", "1", "--eval-every", "0", "--eval-k", "2", "--out", str(tmp_path / "r")])
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "r" / "checkpoint"
+    assert ckpt.stat().st_mode & 0o777 == 0o755
+    assert all((ckpt / f).stat().st_mode & 0o777 == 0o644 for f in os.listdir(ckpt))
+
+
+def test_traps_get_one_line_each(jsonl, tmp_path, capsys, monkeypatch):
+    for n, held in ((5, "1 held out for evaluation"), (3, "too few to hold any out")):
+        path = tmp_path / f"{n}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in fm.arith_dataset(n, 0)))
+        train, test, _ = fm.load_data(fm.parse_args(["--dataset", str(path), "--out", str(tmp_path / "x")]))
+        assert len(train) + len(test) == n or len(train) == len(test) == n
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"has only {n} rows; {held}" in err
+    fm.load_data(fm.parse_args(["--dataset", jsonl, "--out", str(tmp_path / "y")]))
+    assert "has only 20 rows; 4 held out for evaluation" in capsys.readouterr().err
+    def stop(*a, **k):  # only the warning before training matters here
+        raise SystemExit("stop")
+    monkeypatch.setattr(fm, "train", stop)
+    with pytest.raises(SystemExit, match="stop"):
+        fm.main(["--dataset", jsonl, "--out", str(tmp_path / "z")])
+    assert "warning: --model tiny is a random 0.1M-parameter model and cannot answer --dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: --check-batch missing.pt: no such file$"):
+        fm.main(["--check-batch", "missing.pt"])
+
+
+def test_toy_writes_to_its_own_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tt.main(["--seeds", "1", "--steps", "2"])
+    assert {"toy_modes.json", "toy_modes.png"} <= set(os.listdir(tmp_path / "toy_out"))
+    assert not (tmp_path / "toy_modes.png").exists() and not (tmp_path / "toy_modes.json").exists()
 
 
 def test_bad_dataset_files(tmp_path):

@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import statistics
 
@@ -127,7 +128,7 @@ def run(task: str, algo: str, model, tokenizer, seed: int, flags: list[str], eve
     """Train one algorithm with flowrl_min.train from the given (warm-started) weights; exact metrics every
     few steps (step 0 is π_ref itself)."""
     cfg = fm.parse_args(["--algo", algo, "--dataset", task, "--seed", str(seed), "--eval-every", "0",
-                         "--out", f"toy_out/{task}-{algo}-seed{seed}", *flags])
+                         "--out", f"toy_out/{task}-{algo}-seed{seed}", "--overwrite", *flags])
     ref_logps = [answer_logprobs(model, tokenizer, question(m, r)) for m, r in PROMPTS]
     train_ds, eval_ds, reward_fn = make_task(task)
 
@@ -149,29 +150,41 @@ def histogram(dists: dict[str, torch.Tensor], width: int = 30) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[dict]]], title: str) -> None:
-    """Target vs GRPO vs FlowRL answer distributions, and modes covered and KL over training steps."""
+def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[dict]]], title: str,
+         correct: torch.Tensor) -> None:
+    """Target vs GRPO vs FlowRL: the mass on each correct answer (and on all wrong ones together), and
+    modes covered and KL over training steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [2.2, 1, 1]})
-    x, w = torch.arange(len(ANSWERS)).float(), 0.28
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [2.4, 1, 1]})
+    names = [a for a, ok in zip(ANSWERS, correct.tolist()) if ok] + ["all\nwrong"]
+    x, w = torch.arange(len(names)).float(), 0.28
     color = {"target p*": "tab:gray", "grpo": "tab:red", "flowrl": "tab:blue"}
+    label = {"target p*": "target p* (π_ref on the correct answers)", "grpo": "GRPO", "flowrl": "FlowRL"}
     for j, (name, d) in enumerate(dists.items()):
-        ax[0].bar(x + (j - 1) * w, d.numpy(), w, label=name, color=color[name])
-    ax[0].set_xticks(x[::10].numpy(), [ANSWERS[i] for i in range(0, len(ANSWERS), 10)])
-    ax[0].set(title="answer distribution after training (seed 0)", xlabel="answer", ylabel="probability")
+        heights = torch.cat([d[correct], d[~correct].sum(0, keepdim=True)])
+        ax[0].bar(x + (j - 1) * w, heights.numpy(), w, label=label[name], color=color[name])
+    ax[0].set_xticks(x.numpy(), names, fontsize=8)
+    ax[0].set(title="probability of each correct answer after training (seed 0)", xlabel="answer",
+              ylabel="probability")
     ax[0].legend()
     for algo, runs in curves.items():
         steps = [m["step"] for m in runs[0] if "kl_target" in m]
         for k, key in ((1, "modes_covered"), (2, "kl_target")):
             per_seed = [[m[key] for m in run if "kl_target" in m] for run in runs]
-            ax[k].plot(steps, [statistics.mean(v) for v in zip(*per_seed)], label=algo, color=color[algo])
-    ax[1].set(title=f"modes covered (of {next(iter(curves.values()))[0][0]['n_modes']})", xlabel="step")
-    ax[2].set(title="KL(p* ‖ π_θ)", xlabel="step", yscale="log")
+            mean = [statistics.mean(v) for v in zip(*per_seed)]
+            ax[k].plot(steps, mean, label=label[algo], color=color[algo], linewidth=2)
+    n_modes = int(correct.sum())
+    ax[1].set(title=f"modes covered (of {n_modes}), mean over seeds", xlabel="training step", ylim=(0, n_modes + 1))
+    ax[2].set(title="KL(p* ‖ π_θ), mean over seeds", xlabel="training step", yscale="log")
     ax[1].legend()
+    ax[2].legend()
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.text(0.5, 0.01, "A correct answer is a covered mode when the policy gives it at least half of its "
+             "probability under p*. Exact numbers: every answer is teacher-forced, no sampling.",
+             ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -179,15 +192,20 @@ KEYS = ("accuracy", "modes_covered", "n_modes", "kl_target", "entropy", "max_ent
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="FlowRL vs GRPO on a toy multimodal reward, with exact metrics")
-    p.add_argument("--task", default="modes", choices=["modes", "graded"])
+    p = argparse.ArgumentParser(description="FlowRL vs GRPO on a toy multimodal reward, with exact metrics",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="modes", choices=["modes", "graded"],
+                   help="modes: 18 equally correct answers; graded: correct answers of two reward levels")
     p.add_argument("--seeds", type=int, default=3, help="repeat over seeds 0..N-1, report mean and spread")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--beta", type=float, default=1.0, help="FlowRL's β (README: why 1, not the paper's 15, here)")
-    p.add_argument("--group-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--plot", default="toy_modes.png")
-    p.add_argument("--json", default="toy_modes.json")
+    p.add_argument("--steps", type=int, default=200, help="rollout batches per run")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="FlowRL's β (README: why 1, not the paper's 15, here)")
+    p.add_argument("--group-size", type=int, default=16, help="G: samples per prompt")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of both algorithms")
+    p.add_argument("--plot", default="toy_out/toy_modes.png",
+                   help="the figure ('' for none; the README's copy: --plot toy_modes.png)")
+    p.add_argument("--json", default="toy_out/toy_modes.json",
+                   help="the results ('' for none; the README's copy: --json toy_modes.json)")
     p.add_argument("--algos", default="grpo,flowrl", help="which to train, comma-separated")
     args, flowrl_flags = p.parse_known_args(argv)  # any other flag goes to FlowRL's run (e.g. --no-length-norm)
     fm.transformers.logging.set_verbosity_error()
@@ -223,11 +241,17 @@ def main(argv: list[str] | None = None) -> dict:
         cells = [f"{summary['ref'][k]:.3f}"] + [f"{summary[a][k]:.3f} ± {summary[a]['spread'][k]:.3f}" for a in curves]
         print(f"{k:<16}" + "".join(f"{c:>20}" if i else f"{c:>18}" for i, c in enumerate(cells)))
     print("\nanswer distributions after training (seed 0):\n" + histogram(dists))
+    for path in (args.json, args.plot):
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     if args.plot:
-        plot(args.plot, dists, curves, f"{args.task}: FlowRL (β={args.beta}) vs GRPO, {args.seeds} seed(s)")
+        m, r = PROMPTS[0]
+        title = (f"\"{question(m, r)}\": which correct answers does each method keep? "
+                 f"(FlowRL β = {args.beta}, {args.seeds} seed(s), task {args.task})")
+        plot(args.plot, dists, curves, title, torch.tensor(correct_set(f"{m}:{r}")))
         print(f"figure: {args.plot}")
     return summary
 
