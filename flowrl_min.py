@@ -550,7 +550,7 @@ def pack(prompts: list[torch.Tensor], prompt_of: list[int], response_ids: torch.
     response the packed span of its prompt."""
     ids, positions, part, home, before = [], [], [], [], []
     span: dict[int, tuple[int, int]] = {}
-    for i, (y, L, j) in enumerate(zip(response_ids, lengths, prompt_of)):
+    for y, L, j in zip(response_ids, lengths, prompt_of):
         P = len(prompts[j])
         if j not in span:
             span[j] = (len(part), len(part) + P)
