@@ -28,6 +28,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import sys
@@ -36,6 +37,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
+
+
+def exit_quietly(signum: int, frame) -> None:
+    """Ctrl-C or SIGTERM before training has anything to save: one line, status 128 + signal number."""
+    print(f"\nstopped by {signal.Signals(signum).name} before the first step finished: nothing to save",
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    # torch and transformers take seconds to import: a Ctrl-C meanwhile is one line, not a traceback
+    signal.signal(signal.SIGINT, exit_quietly)
+    signal.signal(signal.SIGTERM, exit_quietly)
 
 import datasets
 import torch
@@ -74,6 +88,7 @@ class Config:
     length_norm: bool = opt(True, "divide log-prob sums by |y| (--no-length-norm for the ablation)")
     clip_eps: float = opt(0.2, "GRPO ratio clip ε")
     kl_coef: float = opt(0.001, "GRPO k3 KL-to-reference coefficient")
+    clip_c: float = opt(3.0, "GRPO dual clip: for Â < 0 the per-token loss is at most −c·Â (veRL clip_ratio_c)")
     lr: float = opt(None, "policy learning rate (default: 1e-6 as in the paper; 3e-4 on the tiny model)")
     logz_lr: float = opt(None, "log Z head learning rate (default: the policy's; 1e-2 on the tiny model)")
     weight_decay: float = opt(0.1, "AdamW weight decay")
@@ -91,6 +106,9 @@ class Config:
     eval_k: int = opt(8, "samples per held-out prompt (mean accuracy and pass@k)")
     out: str = opt("out", "output directory: metrics.jsonl and checkpoint/")
     overwrite: bool = opt(False, "replace a run already in --out")
+    resume: bool = opt(False, "continue the run in --out from its checkpoint: weights, log Z, optimiser, "
+                       "step, data order and random state (flags that change the run are refused)")
+    save_every: int = opt(0, "also save the checkpoint every N steps (0: at the end, or when stopped)")
     seed: int = opt(0, "seed for weights, data order and sampling")
     check_batch: str = opt("", "a torch.save'd dict of tensors: print our losses and gradients for it, then exit")
 
@@ -115,8 +133,8 @@ class ArgumentParser(argparse.ArgumentParser):
         die(f"{message}; see --help")
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Flags into a Config; the defaults that depend on the model or task are filled in here."""
+def build_parser(defaults: bool = True) -> ArgumentParser:
+    """One flag per Config field, in HELP_GROUPS; defaults=False leaves out the flags not given."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     group = p
@@ -127,12 +145,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help = f.metadata["help"]
         if f.default is not None and f.default != "":
             help += f" (default: {f.default})"
+        default = f.default
+        if not defaults:
+            default = argparse.SUPPRESS
         if f.type == "bool":
-            group.add_argument(flag, default=f.default, help=help, action=argparse.BooleanOptionalAction)
+            group.add_argument(flag, default=default, help=help, action=argparse.BooleanOptionalAction)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            group.add_argument(flag, default=f.default, help=help, type=kind, choices=CHOICES.get(f.name))
+            group.add_argument(flag, default=default, help=help, type=kind, choices=CHOICES.get(f.name))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Flags into a Config; the defaults that depend on the model or task are filled in here."""
+    p = build_parser()
     cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.resume:
+        cfg = resumed_config(argv, cfg.out)
     fill_defaults(cfg)
     has_run = os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
     checks = [(cfg.group_size >= 2, "--group-size must be at least 2: group normalisation needs 2 responses"),
@@ -141,16 +170,44 @@ def parse_args(argv: list[str] | None = None) -> Config:
                ("--steps, --prompts, --max-new-tokens, --epochs, --mini-batches and --micro-batch must "
                 "be positive")),
               (cfg.lr > 0 and cfg.logz_lr > 0, "--lr and --logz-lr must be positive"),
+              (cfg.clip_c > 1, "--clip-c must be greater than 1 (veRL asserts the same)"),
               (cfg.lora_r >= 0, "--lora-r must be 0 (full fine-tuning) or a positive rank"),
               (cfg.temperature > 0 and 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
               (cfg.eval_k > 0 and cfg.eval_prompts > 0, "--eval-k and --eval-prompts must be positive"),
               (not os.path.isfile(cfg.out), f"--out {cfg.out} is an existing file; give a directory path"),
-              (cfg.overwrite or cfg.check_batch or not has_run,
+              (cfg.save_every >= 0, "--save-every must be 0 (off) or a number of steps"),
+              (cfg.overwrite or cfg.check_batch or cfg.resume or not has_run,
                f"--out {cfg.out} already holds a run; pass another --out, or --overwrite to replace it")]
     for ok, msg in checks:
         if not ok:
             die(msg)
     return cfg
+
+
+# what a run is: --resume refuses to change these (the rest, e.g. --steps, may change)
+RUN_IDENTITY = ("model", "dataset", "algo", "group_size", "prompts", "seed", "lora_r", "beta",
+                "max_new_tokens", "temperature", "top_p")
+
+
+def resumed_config(argv: list[str] | None, out: str) -> Config:
+    """The saved run's config with the flags given now on top; a flag that changes RUN_IDENTITY is an error."""
+    saved_path = os.path.join(out, "checkpoint", "flowrl_config.json")
+    if not os.path.isfile(os.path.join(out, "checkpoint", "trainer_state.pt")):
+        die(f"--resume: {out} holds no checkpoint of a flowrl_min run to continue (no "
+            f"{out}/checkpoint/trainer_state.pt); start a new run without --resume")
+    try:
+        with open(saved_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"--resume: cannot read {saved_path} ({type(e).__name__}); start a new run without --resume")
+    # parse again with no defaults: only the flags given on this command line remain
+    given = vars(build_parser(defaults=False).parse_args(argv))
+    for k in RUN_IDENTITY:
+        if k in given and given[k] != saved.get(k):
+            die(f"--resume: --{k.replace('_', '-')} {given[k]} contradicts the saved run's {saved.get(k)}; "
+                "resume without it, or start a new run in another --out")
+    known = {f.name for f in fields(Config)}
+    return Config(**{**{k: v for k, v in saved.items() if k in known}, **given})
 
 
 def fill_defaults(cfg: Config) -> None:
@@ -442,18 +499,26 @@ def flowrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-              adv: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.001) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO as in veRL: clipped surrogate with Â_i = r̂_i on every token, plus kl_coef · k3 KL to π_ref,
-    averaged over all response tokens of the batch ("token-mean"). Shapes as in flowrl_loss."""
-    ratio = torch.exp(torch.where(mask.bool(), logp - old_logp, 0.0))  # ρ (N, T)
+              adv: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.001,
+              clip_c: float = 3.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO as in veRL: clipped surrogate with Â_i = r̂_i on every token, dual-clipped at −c·Â for
+    Â < 0, plus kl_coef · k3 KL to π_ref clamped to [−10, 10], averaged over all response tokens of the
+    batch ("token-mean"); both log-ratios are clamped to [−20, 20] before exp, as veRL does. The dual
+    clip and the clamps only act off-policy (ρ far from 1). Shapes as in flowrl_loss."""
+    log_ratio = torch.where(mask.bool(), logp - old_logp, 0.0).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)  # ρ (N, T)
     a = adv.unsqueeze(-1)  # (N, 1)
-    surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    log_r = torch.where(mask.bool(), ref_logp - logp, 0.0)
-    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(π_θ ‖ π_ref), per token
+    clipped = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    # dual clip: for a negative advantage the per-token loss is at most −c·Â
+    dual = torch.minimum(clipped, -a * clip_c)
+    surrogate = torch.where(a < 0, dual, clipped)
+    log_r = torch.where(mask.bool(), ref_logp - logp, 0.0).clamp(-20.0, 20.0)
+    # k3 estimator of KL(π_θ ‖ π_ref) per token
+    kl = (torch.exp(log_r) - log_r - 1).clamp(-10.0, 10.0)
     loss = masked_mean(surrogate + kl_coef * kl, mask)
     with torch.no_grad():
-        clipped = ((ratio - 1).abs() > clip_eps).float()
-        stats = {"loss": loss.item(), "kl": masked_mean(kl, mask).item(), "clipfrac": masked_mean(clipped, mask).item(),
+        is_clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {"loss": loss.item(), "kl": masked_mean(kl, mask).item(), "clipfrac": masked_mean(is_clipped, mask).item(),
                  "logp": masked_mean(logp, mask).item(), "ref_logp": masked_mean(ref_logp, mask).item(),
                  "ppo_kl": masked_mean(old_logp - logp, mask).item(), "ref_kl": masked_mean(ref_logp - logp, mask).item()}
     return loss, stats
@@ -665,13 +730,17 @@ def evaluate(model: PreTrainedModel, tokenizer, eval_ds: Dataset, reward_fn: Rew
 
 
 # ----------------------------------------------------------------------------- training
-def save_checkpoint(out: str, model: PreTrainedModel, tokenizer, logz: LogZ | None, cfg: Config) -> str:
-    """Write <out>/checkpoint atomically: into a temporary directory first, then renamed into place."""
+def save_checkpoint(out: str, model: PreTrainedModel, tokenizer, logz: LogZ | None, cfg: Config,
+                    state: dict | None = None) -> str:
+    """Write <out>/checkpoint atomically: into a temporary directory first, then renamed into place.
+    state: what --resume needs besides the weights (step, optimiser, scheduler, random state)."""
     final, tmp = os.path.join(out, "checkpoint"), tempfile.mkdtemp(dir=out, prefix=".checkpoint-")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if logz is not None:
         torch.save(logz.state_dict(), os.path.join(tmp, "logz.pt"))
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "flowrl_config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     # temporary files are private (0600, 0700): give the checkpoint the modes the user's umask gives
@@ -715,7 +784,8 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
                                                       mask[mi], cfg.temperature)
                 old = logp.detach() if old_logp is None else old_logp[mi]
                 if logz is None:
-                    loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi], cfg.clip_eps, cfg.kl_coef)
+                    loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi], cfg.clip_eps, cfg.kl_coef,
+                                         cfg.clip_c)
                     frac = (mask[mi].sum() / mask[mb].sum().clamp(min=1)).item()  # token-mean over the mini-batch
                 else:
                     log_z = logz(prompt_repr)  # (n,): equal for the responses of one prompt
@@ -737,12 +807,45 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
     return stats
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped training; `history` holds the steps that finished."""
+
+    def __init__(self, signum: int, history: list[dict] | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.history = signum, history or []
+
+
+@dataclass
+class StopGuard:
+    """The handler of SIGINT and SIGTERM during training: it raises Stopped at once, except while
+    `hold` is set (from the update to the end of its step, and while a checkpoint is written), when
+    it only records the signal, so that a checkpoint always holds one whole step."""
+    hold: bool = False
+    signum: int = 0
+
+    def __call__(self, signum: int, frame) -> None:
+        self.signum = signum
+        if not self.hold:
+            raise Stopped(signum)
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving", file=sys.stderr)
+
+
+def rng_state() -> dict:
+    """The random state a resumed run continues from (sampling, log Z dropout, mini-batch order)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
 def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eval_ds: Dataset, reward_fn: RewardFn,
           on_step: Callable[[int, PreTrainedModel], dict] | None = None,
-          ref: PreTrainedModel | None = None) -> list[dict]:
+          ref: PreTrainedModel | None = None, resume: dict | None = None) -> list[dict]:
     """The FlowRL (or GRPO) loop: sample G responses per prompt, score them, then update π_θ and log Z_φ.
     π_ref defaults to a frozen snapshot of the initial policy; on_step(step, model) may add metrics.
-    Writes <out>/metrics.jsonl (one line per step) and <out>/checkpoint; returns the metrics."""
+    resume: a checkpoint's trainer state (and "logz") to continue from. Writes <out>/metrics.jsonl
+    (one line per step) and <out>/checkpoint; returns the metrics. SIGINT or SIGTERM saves the last
+    whole step and raises Stopped."""
     device, G = model.device, cfg.group_size
     # with LoRA π_ref needs no copy: it is the policy with its adapters switched off
     if ref is None and not cfg.lora_r:
@@ -757,14 +860,39 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         model.activation_checkpointing_enable({"use_reentrant": False})
     eos_ids = eos_token_ids(model, tokenizer)
     os.makedirs(cfg.out, exist_ok=True)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    history, warned = [], False
-    bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo, dynamic_ncols=True, disable=None)
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log_file:
-        if cfg.eval_every:  # held-out numbers before any update, logged as step 0
-            history.append({"step": 0, **evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids)})
-            log_file.write(json.dumps(history[0]) + "\n")
-        try:
+    history, done, warned = [], 0, False
+    if resume is not None:
+        done = resume["step"]
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if logz is not None:
+            logz.load_state_dict(resume["logz"])
+        # the steps the checkpoint holds; a later line (written after it) is dropped and redone
+        with open(metrics_path) as f:
+            history = [m for m in map(json.loads, f) if m["step"] <= done]
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"]:
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    rng = rng_state() if resume is None else resume["rng"]
+
+    def save() -> str:
+        state = {"step": done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}
+        return save_checkpoint(cfg.out, model, tokenizer, logz, cfg, state)
+
+    guard = StopGuard()
+    handlers = {s: signal.signal(s, guard) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopped = None
+    try:
+        with open(metrics_path, "w") as log_file:
+            log_file.writelines(json.dumps(m) + "\n" for m in history)
+            if cfg.eval_every and resume is None:  # held-out numbers before any update, logged as step 0
+                history.append({"step": 0, **evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids)})
+                log_file.write(json.dumps(history[0]) + "\n")
+                log_file.flush()
+            rng = rng_state() if resume is None else rng
+            bar = tqdm(range(done + 1, cfg.steps + 1), desc=cfg.algo, dynamic_ncols=True, disable=None)
             for step in bar:
                 # 1. G responses for each prompt of the batch, scored by the rule-based reward; r̂ per group
                 t0 = time.perf_counter()
@@ -780,7 +908,8 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 ref_logp = reference_logprobs(model, ref, r, cfg)
                 old_logp = None if cfg.epochs == cfg.mini_batches == 1 else score(model, r, cfg)
                 t2 = time.perf_counter()
-                # 3. the FlowRL (or GRPO) update
+                # 3. the FlowRL (or GRPO) update; from here a signal waits for the end of the step
+                guard.hold = True
                 stats = update(cfg, model, logz, opt, sched, r, adv, ref_logp, old_logp, step)
                 t3 = time.perf_counter()
                 lengths = r.mask.sum(-1)
@@ -795,10 +924,35 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 history.append(m)
                 log_file.write(json.dumps(m) + "\n")
                 log_file.flush()
+                done, rng = step, rng_state()
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    save()
                 bar.set_postfix(reward=f"{m['reward']:.2f}", logZ=f"{m.get('log_z', 0):.2f}", loss=f"{m['loss']:.3f}")
-        except KeyboardInterrupt:
-            tqdm.write(f"interrupted after step {history[-1]['step'] if history else 0}: saving and exiting")
-    save_checkpoint(cfg.out, model, tokenizer, logz, cfg)
+                guard.hold = False
+                if guard.signum:
+                    raise Stopped(guard.signum)
+    except Stopped as e:
+        stopped = e
+    try:
+        guard.hold = True
+        if stopped is None or done > 0:
+            path = save()
+        elif resume is None:
+            # stopped before a step finished: leave no half-written run behind
+            os.remove(metrics_path)
+            with contextlib.suppress(OSError):
+                os.rmdir(cfg.out)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if stopped is not None:
+        name = signal.Signals(stopped.signum).name
+        if done:
+            tqdm.write(f"stopped by {name} during step {done + 1}: saved step {done} to {path} "
+                       "(continue with --resume)", file=sys.stderr)
+        else:
+            tqdm.write(f"stopped by {name} before the first step finished: nothing to save", file=sys.stderr)
+        raise Stopped(stopped.signum, history)
     return history
 
 
@@ -812,41 +966,82 @@ def summarize(history: list[dict], device: torch.device) -> str:
     tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # ru_maxrss is in KiB on Linux
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-    lines = [f"steps {len(steps)}  reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f}  distinct answers/group "
-             + f"{steps[-1]['distinct']:.2f}"]
-    for when, e in ([("before", evals[0])] if len(evals) > 1 else []) + ([("after ", evals[-1])] if evals else []):
-        lines.append(f"held-out {when}  " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in e.items() if k.startswith("eval_")))
+    first, last = steps[0], steps[-1]
+    lines = [(f"steps {first['step']}-{last['step']}  reward {first['reward']:.3f} (step {first['step']}) -> "
+              f"{last['reward']:.3f} (step {last['step']})  distinct answers/group {last['distinct']:.2f}")]
+    shown = evals[-1:]
+    if len(evals) > 1:
+        shown = [evals[0], evals[-1]]
+    for e in shown:
+        lines.append(f"held-out at step {e['step']}  "
+                     + "  ".join(f"{k[5:]} {v:.3f}" for k, v in e.items() if k.startswith("eval_")))
     lines.append(f"median step {sum(med.values()):.2f}s (generate {med['gen_s']:.2f}s, reference {med['ref_s']:.2f}s, "
                  + f"update {med['update_s']:.2f}s), {tok_s:.0f} generated tokens/s, peak "
                  + f"{'GPU' if device.type == 'cuda' else 'RSS'} memory {peak:.2f} GiB")
     return "\n".join(lines)
 
 
+# veRL's names for the same tensors (verl-recipe flowrl/flowrl_actor.py, update_policy), read as they are
+VERL_KEYS = {"log_prob": "logp", "old_log_probs": "old_logp", "ref_log_prob": "ref_logp",
+             "response_mask": "mask", "advantages": "adv"}
+
+
 def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
     """Our losses and gradients, in float64, for tensors from another implementation (README: sanity-checking).
     The file is a dict saved with torch.save: logp, ref_logp, mask (N, T) and adv (N,), or rewards (N,) with
-    group_size; optionally old_logp (N, T; default: logp, one on-policy update) and log_z (N,; default 0)."""
+    group_size; optionally old_logp (N, T; default: logp, one on-policy update) and log_z (N,; default 0).
+    veRL's key names work too (VERL_KEYS): advantages (N, T) per token, log_z (N, 1)."""
     if not os.path.isfile(cfg.check_batch):
         die(f"--check-batch {cfg.check_batch}: no such file")
     b = torch.load(cfg.check_batch, map_location="cpu", weights_only=True)
+    b = {VERL_KEYS.get(k, k): v for k, v in b.items()}
     missing = [k for k in ("logp", "ref_logp", "mask") if k not in b]
     missing += [] if "adv" in b or {"rewards", "group_size"} <= set(b) else ["adv (or rewards and group_size)"]
     if missing:
         die(f"--check-batch {cfg.check_batch}: missing {', '.join(missing)}; found {', '.join(b) or 'nothing'}")
     t = {k: v.detach().to(torch.float64) for k, v in b.items() if torch.is_tensor(v)}
-    adv = t["adv"] if "adv" in t else group_normalize(t["rewards"], int(b["group_size"]))
-    logp, log_z = t["logp"].clone().requires_grad_(), t.get("log_z", torch.zeros_like(adv)).clone().requires_grad_()
     old, ref, mask = t.get("old_logp", t["logp"]), t["ref_logp"], t["mask"]
+    adv = t["adv"] if "adv" in t else group_normalize(t["rewards"], int(b["group_size"]))
+    if adv.dim() == 2:
+        # per-token advantages (veRL): the sequence's r̂ is their mean over its tokens, as the recipe takes it
+        adv = masked_mean(adv, mask, -1)
+    log_z = t.get("log_z", torch.zeros_like(adv)).reshape(adv.shape)
+    logp, log_z = t["logp"].clone().requires_grad_(), log_z.clone().requires_grad_()
     flow, out_f = flowrl_loss(logp, old, ref, mask, log_z, adv, cfg.beta, cfg.clip_low, cfg.clip_high, cfg.length_norm)
     out_f["grad_logp_norm"], out_f["grad_log_z_norm"] = (g.norm().item() for g in torch.autograd.grad(flow, [logp, log_z]))
-    grpo, out_g = grpo_loss(logp, old, ref, mask, adv, cfg.clip_eps, cfg.kl_coef)
+    grpo, out_g = grpo_loss(logp, old, ref, mask, adv, cfg.clip_eps, cfg.kl_coef, cfg.clip_c)
     out = {"flowrl": out_f, "grpo": {**out_g, "grad_logp_norm": torch.autograd.grad(grpo, logp)[0].norm().item()}}
     print("\n".join(f"{algo}: " + "  ".join(f"{k} {v:.6g}" for k, v in st.items()) for algo, st in out.items()))
     return out
 
 
+def load_resume(cfg: Config, model: PreTrainedModel) -> tuple[PreTrainedModel, PreTrainedModel | None, dict]:
+    """For --resume: the policy from <out>/checkpoint, π_ref as the original run had it (the initial
+    model, given here), and the trainer state. With LoRA the adapter is loaded onto the initial model
+    and π_ref stays its base weights. Returns (policy, π_ref or None, state)."""
+    ckpt = os.path.join(cfg.out, "checkpoint")
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    if cfg.algo == "flowrl":
+        state["logz"] = torch.load(os.path.join(ckpt, "logz.pt"), map_location=model.device)
+    if cfg.lora_r:
+        model.load_adapter(ckpt, adapter_name="default", is_trainable=True)
+        return model, None, state
+    policy, _ = load_model(ckpt, cfg.seed)
+    return policy.to(model.device), model, state
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Parse flags, load model and data, train, print a summary; returns the per-step metrics."""
+    """Parse flags, load model and data, train, print a summary; returns the per-step metrics.
+    SIGINT or SIGTERM: one line, a checkpoint if a step finished, exit status 128 + signal number."""
+    handlers = {s: signal.signal(s, exit_quietly) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run_main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def run_main(argv: list[str] | None) -> list[dict]:
     cfg = parse_args(argv)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -865,9 +1060,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.model == "tiny" and cfg.dataset in TOY_TASKS:
         import toy_tasks  # a random model cannot find the answer format by itself: teach π_ref the format first
         toy_tasks.warm_start(model, tokenizer, cfg.seed)
-    if cfg.lora_r:
+    ref, state = None, None
+    if cfg.resume:
+        model, ref, state = load_resume(cfg, model)
+    elif cfg.lora_r:
         add_lora(model, cfg.lora_r, cfg.lora_alpha)
-    history = train(cfg, model, tokenizer, train_ds, eval_ds, reward_fn)
+    try:
+        history = train(cfg, model, tokenizer, train_ds, eval_ds, reward_fn, ref=ref, resume=state)
+    except Stopped as e:
+        if e.history:
+            print(summarize(e.history, device))
+        raise SystemExit(128 + e.signum) from None
     print(summarize(history, device))
     print(f"metrics: {os.path.join(cfg.out, 'metrics.jsonl')}  checkpoint: {os.path.join(cfg.out, 'checkpoint')}")
     return history

@@ -4,6 +4,10 @@ import importlib.util
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -137,6 +141,24 @@ def test_grpo_loss_clips_ratio_and_kl_vanishes_when_ref_equals_policy():
     with_kl, st = fm.grpo_loss(logp.detach(), old, old, mask2, torch.tensor([0.0]), kl_coef=1.0)
     lr = -logp.detach()[0, :2]
     assert st["kl"] > 0 and with_kl.item() == pytest.approx((torch.exp(lr) - lr - 1).mean().item(), rel=1e-6)
+
+
+def test_grpo_dual_clip_and_clamps_as_in_verl():
+    # one token per row; ρ = 5 is far off-policy. Â = −1: clipped surrogate max(5, 1.2) = 5, dual clip
+    # min(5, c = 3) = 3. Â = +1: max(−5, −1.2) = −1.2, no dual clip. A log-ratio of 30 is clamped to 20.
+    old = torch.zeros(3, 1)
+    logp = torch.tensor([[math.log(5.0)], [math.log(5.0)], [30.0]]).requires_grad_()
+    adv, mask = torch.tensor([-1.0, 1.0, -1.0]), torch.ones(3, 1)
+    loss, _ = fm.grpo_loss(logp, old, logp.detach(), mask, adv, kl_coef=0.0)
+    assert loss.item() == pytest.approx((3.0 - 1.2 + 3.0) / 3, rel=1e-6)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(3, 1))  # every term is a clip: no gradient
+    no_dual, _ = fm.grpo_loss(logp.detach(), old, logp.detach(), mask, adv, kl_coef=0.0, clip_c=1e9)
+    assert no_dual.item() == pytest.approx((5.0 - 1.2 + math.exp(20.0)) / 3, rel=1e-5)
+    # k3 = e^x − x − 1 with x = log π_ref − log π_θ, clamped to [−10, 10]: x = 1 gives e − 2, x = 5 gives 10
+    ref = torch.tensor([[1.0], [5.0], [0.0]])
+    _, st = fm.grpo_loss(torch.zeros(3, 1), old, ref, mask, torch.zeros(3), kl_coef=1.0)
+    assert st["kl"] == pytest.approx((math.e - 2 + 10.0 + 0.0) / 3, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- reward
@@ -396,19 +418,118 @@ def test_seeded_flowrl_run_raises_reward(tmp_path):
     assert last > first + 0.2, (first, last)
 
 
-def test_interrupt_saves_and_nan_stops(tiny, tmp_path):
-    model, tok = copy.deepcopy(tiny[0]), tiny[1]
-    train_ds, eval_ds, reward_fn = tt.make_task("modes")
-    cfg = fm.parse_args(["--dataset", "modes", "--steps", "5", "--out", str(tmp_path / "i")])
-
-    def stop(step, _):
-        if step == 2:
-            raise KeyboardInterrupt
-        return {}
-    h = fm.train(cfg, model, tok, train_ds, eval_ds, reward_fn, on_step=stop)
-    assert [m["step"] for m in h] == [0, 1] and (tmp_path / "i" / "checkpoint" / "model.safetensors").exists()
+def test_nan_stops(tmp_path):
     with pytest.raises(SystemExit, match=r"step \d+: .*non-finite"):
         fm.main(["--steps", "5", "--beta", "nan", "--out", str(tmp_path / "n")])
+
+
+# ----------------------------------------------------------------------------- stopping and resuming
+def _steps(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _saved_weights(out):
+    from safetensors.torch import load_file
+    ckpt = out / "checkpoint"
+    name = "adapter_model.safetensors" if (ckpt / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(ckpt / name), torch.load(ckpt / "logz.pt")
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-r", "4", "--lr", "1e-3"]], ids=["full", "lora"])
+def test_resume_gives_the_uninterrupted_run_bitwise(extra, tmp_path):
+    flags = ["--eval-every", "3", "--eval-prompts", "1", "--eval-k", "4", *extra]
+    whole = fm.main(["--steps", "6", "--out", str(tmp_path / "a"), *flags])
+    fm.main(["--steps", "3", "--out", str(tmp_path / "b"), *flags])
+    # the first run stops at step 3 as if interrupted; --steps may change on resume
+    resumed = fm.main(["--steps", "6", "--out", str(tmp_path / "b"), "--resume"])
+    strip = lambda h: [{k: v for k, v in m.items() if k not in TIMING} for m in h]
+    assert strip(resumed) == strip(whole) and [m["step"] for m in _steps(tmp_path / "b")] == list(range(7))
+    (wa, za), (wb, zb) = _saved_weights(tmp_path / "a"), _saved_weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(za[k], zb[k]) for k in za)
+
+
+def test_resume_refuses_empty_foreign_and_contradicting(tmp_path):
+    (tmp_path / "empty").mkdir()
+    foreign = tmp_path / "foreign" / "checkpoint"
+    foreign.mkdir(parents=True)
+    (foreign / "model.safetensors").write_text("x")
+    for out in ("empty", "foreign", "missing"):
+        with pytest.raises(SystemExit, match=r"^error: --resume: .* holds no checkpoint of a flowrl_min run"):
+            fm.main(["--resume", "--out", str(tmp_path / out)])
+    fm.main(["--steps", "1", "--eval-every", "0", "--out", str(tmp_path / "run")])
+    for flag, value in (("--algo", "grpo"), ("--group-size", "4"), ("--model", "Qwen2.5-0.5B")):
+        with pytest.raises(SystemExit, match=rf"^error: --resume: {flag} {value} contradicts the saved run's"):
+            fm.main(["--resume", "--out", str(tmp_path / "run"), flag, value])
+    cfg = fm.parse_args(["--resume", "--out", str(tmp_path / "run"), "--steps", "9"])
+    assert cfg.steps == 9 and cfg.algo == "flowrl" and cfg.eval_every == 0  # saved flags kept, --steps changed
+
+
+def _signal_at(monkeypatch, name, step, signum):
+    """Send `signum` to this process from inside fm.<name> during the given step (1 = first call)."""
+    real, calls = getattr(fm, name), []
+
+    def send(*a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+    monkeypatch.setattr(fm, name, send)
+
+
+def test_signal_before_the_first_step_leaves_nothing(monkeypatch, tmp_path, capsys):
+    _signal_at(monkeypatch, "evaluate", 1, signal.SIGINT)  # during the step-0 evaluation
+    with pytest.raises(SystemExit) as e:
+        fm.main(["--steps", "5", "--out", str(tmp_path / "o")])
+    assert e.value.code == 130 and not (tmp_path / "o").exists()
+    assert "stopped by SIGINT before the first step finished: nothing to save" in capsys.readouterr().err
+
+
+def test_signal_during_sampling_saves_the_last_whole_step(monkeypatch, tmp_path, capsys):
+    _signal_at(monkeypatch, "sample", 4, signal.SIGINT)  # call 1 is the step-0 evaluation
+    with pytest.raises(SystemExit) as e:
+        fm.main(["--steps", "9", "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert e.value.code == 130 and state["step"] == 2 and [m["step"] for m in _steps(tmp_path)] == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT during step 3: saved step 2 to" in err and "Traceback" not in err
+
+
+def test_signal_during_the_update_finishes_that_step(monkeypatch, tmp_path, capsys):
+    _signal_at(monkeypatch, "update", 2, signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        fm.main(["--steps", "9", "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert e.value.code == 143 and state["step"] == 2 and [m["step"] for m in _steps(tmp_path)] == [0, 1, 2]
+    out = capsys.readouterr()
+    assert "SIGTERM: finishing this step, then saving" in out.err
+    assert "steps 1-2  reward" in out.out  # the summary says which steps its numbers are from
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signals_to_a_real_process_early_and_mid_run(signum, tmp_path):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flowrl_min.py")
+    for when in ("early", "mid"):
+        out = tmp_path / when
+        proc = subprocess.Popen([sys.executable, script, "--steps", "100000", "--out", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if when == "early":
+            time.sleep(0.5)  # while python imports torch and transformers
+        else:
+            while not (out / "metrics.jsonl").exists() or len(_steps(out)) < 3:
+                assert proc.poll() is None
+                time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum and "Traceback" not in stderr, stderr
+        name = signal.Signals(signum).name
+        if when == "early":
+            assert f"stopped by {name}" in stderr and "nothing to save" in stderr
+            assert not (out / "checkpoint").exists()
+        else:
+            done = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
+            assert done >= 2 and _steps(out)[-1]["step"] == done
+            AutoModelForCausalLM.from_pretrained(out / "checkpoint")  # loadable
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -635,6 +756,19 @@ def test_check_batch_reports_our_losses_and_gradients(tmp_path, capsys):
     torch.save({"logp": logp}, tmp_path / "bad.pt")
     with pytest.raises(SystemExit, match="missing ref_logp, mask, adv"):
         fm.main(["--check-batch", str(tmp_path / "bad.pt")])
+
+
+def test_check_batch_reads_verl_key_names(tmp_path):
+    logp, old, ref, mask, log_z, _ = _batch()
+    adv = torch.tensor([0.7, -0.7])
+    ours, verl = tmp_path / "ours.pt", tmp_path / "verl.pt"
+    torch.save({"logp": logp, "old_logp": old, "ref_logp": ref, "mask": mask, "log_z": log_z, "adv": adv}, ours)
+    # veRL: per-token advantages (the sequence's r̂ on every response token, 0 elsewhere), log_z (N, 1)
+    torch.save({"log_prob": logp, "old_log_probs": old, "ref_log_prob": ref, "response_mask": mask,
+                "advantages": adv[:, None] * mask, "log_z": log_z[:, None]}, verl)
+    a = fm.main(["--check-batch", str(ours)])[0]
+    b = fm.main(["--check-batch", str(verl)])[0]
+    assert a == b and a["flowrl"]["loss"] > 0
 
 
 # ----------------------------------------------------------------------------- a real pretrained model
