@@ -43,7 +43,7 @@ def exit_quietly(signum: int, frame) -> None:
     """Ctrl-C or SIGTERM before training has anything to save: one line, status 128 + signal number."""
     print(f"\nstopped by {signal.Signals(signum).name} before the first step finished: nothing to save",
           file=sys.stderr, flush=True)
-    os._exit(128 + signum)
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
@@ -96,6 +96,8 @@ class Config:
     epochs: int = opt(1, "passes over each rollout batch")
     mini_batches: int = opt(1, "optimiser steps per pass (w ≠ 1 from the second one on)")
     micro_batch: int = opt(32, "responses per packed forward/backward, with their prompts (gradient accumulation)")
+    micro_tokens: int = opt(1024, "tokens per packed forward/backward, prompts included (veRL: "
+                            "ppo_max_token_len_per_gpu); a longer response gets a forward of its own")
     grad_ckpt: bool = opt(None, "activation checkpointing in the update: far less memory for one more "
                           "forward of the layers (default: on, off for the tiny model)")
     lora_r: int = opt(0, "LoRA rank on every attention and MLP projection, 0 for full fine-tuning; π_ref "
@@ -166,9 +168,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     has_run = os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
     checks = [(cfg.group_size >= 2, "--group-size must be at least 2: group normalisation needs 2 responses"),
               (min(cfg.steps, cfg.prompts, cfg.max_new_tokens, cfg.epochs, cfg.mini_batches,
-                   cfg.micro_batch) > 0,
-               ("--steps, --prompts, --max-new-tokens, --epochs, --mini-batches and --micro-batch must "
-                "be positive")),
+                   cfg.micro_batch, cfg.micro_tokens) > 0,
+               ("--steps, --prompts, --max-new-tokens, --epochs, --mini-batches, --micro-batch and "
+                "--micro-tokens must be positive")),
               (cfg.lr > 0 and cfg.logz_lr > 0, "--lr and --logz-lr must be positive"),
               (cfg.clip_c > 1, "--clip-c must be greater than 1 (veRL asserts the same)"),
               (cfg.lora_r >= 0, "--lora-r must be 0 (full fine-tuning) or a positive rank"),
@@ -287,7 +289,10 @@ def load_model(name: str, seed: int) -> tuple[PreTrainedModel, transformers.PreT
     else:
         if name.startswith(("/", ".", "~")) and not local:
             die(f"--model {name}: no such directory")
-        repo = os.path.expanduser(name) if local else name if "/" in name else f"Qwen/{name}"  # bare name: Qwen/
+        repo = os.path.expanduser(name)
+        if not local:
+            # a bare name like Qwen2.5-0.5B means Qwen/Qwen2.5-0.5B
+            repo = name if "/" in name else f"Qwen/{name}"
         try:  # the local cache first: no network, no retries
             tokenizer = transformers.AutoTokenizer.from_pretrained(repo, local_files_only=True)
             model = transformers.AutoModelForCausalLM.from_pretrained(repo, local_files_only=True, dtype=torch.float32)
@@ -321,8 +326,11 @@ def add_lora(model: PreTrainedModel, r: int, alpha: float) -> PreTrainedModel:
 def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS and the generation config's (e.g. <|im_end|>)."""
     ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(ids + [tokenizer.eos_token_id]))
+    if ids is None:
+        ids = []
+    if isinstance(ids, int):
+        ids = [ids]
+    return sorted(set(ids) | {tokenizer.eos_token_id})
 
 
 class LogZ(nn.Module):
@@ -351,25 +359,30 @@ def arith_dataset(n: int, seed: int) -> Dataset:
         op = rng.choice("+-*")
         a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(1, 30), rng.randint(1, 30))
         qs.append(f"What is {a} {op} {b}?")
-        ans.append(str(a + b if op == "+" else a - b if op == "-" else a * b))
+        ans.append(str({"+": a + b, "-": a - b, "*": a * b}[op]))
     return Dataset.from_dict({"question": qs, "answer": ans})
 
 
 def load_file_dataset(path: str) -> Dataset:
-    builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(path)[1])
-    problem = ("no such file (or use arith, gsm8k, modes, graded)" if not os.path.isfile(path) else
-               "use a .jsonl, .json, .csv or .parquet file" if builder is None else
-               "the file is empty; it needs rows with question and answer columns" if not os.path.getsize(path) else "")
-    if problem:
-        die(f"--dataset {path}: {problem}")
+    """A question/answer file; each problem with it is one line naming the file."""
+    readers = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    builder = readers.get(os.path.splitext(path)[1])
+    if not os.path.isfile(path):
+        die(f"--dataset {path}: no such file (or use arith, gsm8k, modes, graded)")
+    if builder is None:
+        die(f"--dataset {path}: use a .jsonl, .json, .csv or .parquet file")
+    if not os.path.getsize(path):
+        die(f"--dataset {path}: the file is empty; it needs rows with question and answer columns")
     try:
         ds = load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # noqa: BLE001 -- any reader error: name the file in one line, not a traceback
         die(f"--dataset {path}: cannot be read as {builder} ({type(e).__name__}: {str(e)[:200]})")
     missing = [c for c in ("question", "answer") if c not in ds.column_names]
-    if missing or len(ds) == 0:
-        die(f"--dataset {path}: " + (f"missing column(s) {', '.join(missing)}; found {', '.join(ds.column_names) or 'none'}"
-                                      if missing else "the file has no rows"))
+    if missing:
+        found = ", ".join(ds.column_names) or "none"
+        die(f"--dataset {path}: missing column(s) {', '.join(missing)}; found {found}")
+    if len(ds) == 0:
+        die(f"--dataset {path}: the file has no rows")
     return ds
 
 
@@ -680,12 +693,35 @@ def sequence_logprobs(model: PreTrainedModel, prompts: list[torch.Tensor], promp
     return logp, prompt_repr
 
 
+def micro_batches(rows: torch.Tensor, r: Rollouts, cfg: Config) -> list[torch.Tensor]:
+    """The rows of a rollout batch, in order, cut into packed forwards of at most --micro-batch
+    responses and --micro-tokens tokens (each prompt once, each response but its last token); a
+    response over the budget gets a forward of its own. Memory and the attention's S² stay bounded."""
+    lengths = r.mask[rows].sum(-1).long().tolist()
+    chunks, current, seen, tokens = [], [], set(), 0
+    for row, length in zip(rows.tolist(), lengths):
+        j = row // cfg.group_size
+        prompt = len(r.prompts[j])
+        cost = length - 1
+        if j not in seen:
+            cost += prompt
+        if current and (len(current) == cfg.micro_batch or tokens + cost > cfg.micro_tokens):
+            chunks.append(torch.tensor(current))
+            current, seen, tokens = [], set(), 0
+            cost = length - 1 + prompt
+        current.append(row)
+        seen.add(j)
+        tokens += cost
+    chunks.append(torch.tensor(current))
+    return chunks
+
+
 @torch.inference_mode()
 def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> torch.Tensor:
     """Per-token log-probs (N, T) of rollouts under a model, prompt by prompt, without a graph."""
     model.eval()
     out = torch.zeros_like(r.mask)
-    for rows in torch.arange(len(r.mask)).split(cfg.micro_batch):
+    for rows in micro_batches(torch.arange(len(r.mask)), r, cfg):
         prompt_of = (rows // cfg.group_size).tolist()
         out[rows] = sequence_logprobs(model, r.prompts, prompt_of, r.response_ids[rows], r.mask[rows],
                                       cfg.temperature)[0]
@@ -778,7 +814,7 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(adv)) if cfg.mini_batches > 1 else torch.arange(len(adv))
         for mb in perm.chunk(cfg.mini_batches):
-            for mi in mb.split(cfg.micro_batch):
+            for mi in micro_batches(mb, r, cfg):
                 prompt_of = (mi // cfg.group_size).tolist()
                 logp, prompt_repr = sequence_logprobs(model, r.prompts, prompt_of, r.response_ids[mi],
                                                       mask[mi], cfg.temperature)

@@ -189,7 +189,9 @@ def test_reward_exception_counts_zero_and_is_reported():
     def flaky(c, a):
         if c == "bad":
             raise RuntimeError("boom")
-        return 1.0 if c == a else float("nan") if c == "nan" else 0.0
+        if c == "nan":
+            return float("nan")
+        return float(c == a)
     rewards, error = fm.score_completions(flaky, ["1", "bad", "2", "nan"], ["1", "1", "1", "1"])
     assert rewards.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert "boom" in error and "'bad'" in error
@@ -300,6 +302,40 @@ def test_no_compute_on_padding_and_chunked_lm_head_changes_nothing(tiny):
     g_plain = torch.autograd.grad((plain * torch.arange(7)).sum(), [h, head.weight])
     g_chunk = torch.autograd.grad((chunked * torch.arange(7)).sum(), [h, head.weight])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_plain, g_chunk))
+
+
+def test_micro_batches_bound_rows_and_tokens_and_change_no_gradient(tiny, tmp_path):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    tt.warm_start(model, tok, 0, steps=20)
+    cfg = fm.parse_args(["--dataset", "modes", "--group-size", "4", "--max-new-tokens", "6"])
+    prompts = [fm.format_prompt(tok, tt.question(*tt.PROMPTS[0])), fm.format_prompt(tok, "What is 2 + 2?")]
+    torch.manual_seed(0)
+    r = fm.sample(model, tok, prompts, cfg, fm.eos_token_ids(model, tok), 4)
+    lengths = r.mask.sum(-1).long().tolist()
+    budget = max(len(p) for p in r.prompts) + 8
+    small = fm.parse_args(["--dataset", "modes", "--group-size", "4", "--micro-batch", "3",
+                           "--micro-tokens", str(budget)])
+    chunks = fm.micro_batches(torch.arange(8), r, small)
+    assert torch.cat(chunks).tolist() == list(range(8)) and len(chunks) > 2
+    for c in chunks:
+        # each prompt once, each response but its last token; a lone row may exceed the budget
+        packed = sum(len(r.prompts[j]) for j in set((c // 4).tolist())) + sum(lengths[i] - 1 for i in c)
+        assert len(c) <= 3 and (packed <= budget or len(c) == 1)
+    # the same update, accumulated over one forward or over many: the same gradient
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.1, -0.3, 0.0])
+    ref_logp = fm.score(model, r, cfg)
+    grads = []
+    for c in (cfg, small):
+        policy = copy.deepcopy(model)
+        torch.manual_seed(0)
+        logz = fm.LogZ(policy.config.hidden_size).eval()  # no dropout: the two runs must agree
+        c.lr, c.logz_lr = 1e-30, 1e-30
+        opt, sched = fm.make_optimizer(c, policy, logz)
+        opt.step = lambda: None  # keep the gradients, take no step
+        opt.zero_grad = lambda set_to_none=True: None
+        fm.update(c, policy, logz, opt, sched, r, adv, ref_logp, None, 1)
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
 def test_grad_ckpt_recomputes_layers_and_changes_nothing(tiny):
