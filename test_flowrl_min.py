@@ -774,6 +774,39 @@ def test_toy_flowrl_keeps_more_modes_than_grpo(tmp_path, monkeypatch):
     assert os.path.getsize("fig.png") > 10_000
 
 
+def test_numbers_task_enumerates_its_answers_and_rewards_strictly():
+    prompts = tt.task_prompts("numbers")
+    primes = [n for n in range(10, 100) if all(n % d for d in range(2, n))]
+    expect = [primes, list(range(14, 99, 7)), list(range(18, 100, 9)), list(range(12, 100, 4))]
+    for (q, space, correct), want in zip(prompts, expect):
+        assert space == [str(n) for n in range(100)] and q.endswith("Reply with the number only.")
+        assert [int(a) for a, ok in zip(space, correct) if ok] == want
+    train, held_out, reward = tt.make_task("numbers")
+    assert held_out["question"] == train["question"]  # the point is the distribution per prompt
+    assert train["question"] == [q for q, _, _ in prompts] and len(train) == 4
+    field = train["answer"][0]
+    # the reward lives exactly on the enumerated correct strings: nothing else scores
+    assert [reward(a, field) for a in prompts[0][1]] == [float(ok) for ok in prompts[0][2]]
+    for near_miss in (" 23", "23.", "23\n", "023", "23 is prime", "The answer is 23"):
+        assert reward(near_miss, field) == 0.0
+    with pytest.raises(SystemExit, match="--task numbers is for a pretrained chat model"):
+        tt.main(["--task", "numbers"])
+
+
+def test_exact_answer_logprobs_equal_a_plain_forward(tiny):
+    model, tok = tiny
+    q, space, _ = tt.task_prompts("numbers")[0]
+    exact = tt.answer_logprobs(model, tok, q, space)  # every answer + EOS, packed into one forward
+    prompt = tok(fm.format_prompt(tok, q), add_special_tokens=False)["input_ids"]
+    for i in (0, 7, 42, 99):  # one- and two-digit answers
+        answer = tok(space[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
+        plain = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(answer)[:, None]).sum()
+        assert exact[i].item() == pytest.approx(plain.item(), abs=1e-4)
+    assert exact.exp().sum() < 1.0  # a random model puts most of its mass outside the answer space
+
+
 # ----------------------------------------------------------------------------- --check-batch
 def test_check_batch_reports_our_losses_and_gradients(tmp_path, capsys):
     logp, old, ref, mask, log_z, adv = _batch()
@@ -826,6 +859,22 @@ def smollm2_dir(tmp_path_factory):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(pkg, gguf_file=gguf).save_pretrained(out)
     return str(out)
+
+
+QWEN = os.environ.get("FLOWRL_QWEN_DIR", "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(QWEN), reason="set FLOWRL_QWEN_DIR to the directory that "
+                    "../shared/fixtures/qwen2.5-coder-0.5b.sh builds (README: A real pretrained model)")
+def test_slow_numbers_task_on_the_qwen_fixture(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = tt.main(["--task", "numbers", "--model", QWEN, "--seeds", "1", "--steps", "3", "--algos", "flowrl",
+                 "--plot", "", "--json", ""])
+    ref = s["ref"]
+    # π_ref as measured when the prompts were chosen: most mass on the space, correct 10-70% of it
+    assert ref["mass"] > 0.9 and 0.1 < ref["accuracy"] < 0.7 and ref["modes_covered"] == ref["n_modes"] == 66
+    assert math.isfinite(s["flowrl"]["kl_target"]) and s["flowrl"]["accuracy"] != ref["accuracy"]
 
 
 @pytest.mark.slow

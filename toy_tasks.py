@@ -11,6 +11,7 @@ then GRPO and FlowRL train from the same weights with flowrl_min's own trainer, 
     python toy_tasks.py                      # 3 seeds: table, histograms, toy_modes.png, toy_modes.json
     python toy_tasks.py --seeds 1 --steps 60
     python flowrl_min.py --dataset modes     # the same task in the main trainer
+    python toy_tasks.py --task numbers --model DIR   # the same measurement on a pretrained chat model
 """
 from __future__ import annotations
 
@@ -21,15 +22,28 @@ import math
 import os
 import re
 import statistics
+import time
 
 import torch
 from datasets import Dataset
 
 import flowrl_min as fm
 
-ANSWERS = [str(n) for n in range(10, 100)]  # the whole answer space
+ANSWERS = [str(n) for n in range(10, 100)]  # the whole answer space of the toy tasks
 PROMPTS = [(5, 3)]  # (m, r): the correct answers are n with n % m == r: 13, 18, 23, ..., 98 (18 modes)
 BOOST = 4.0  # π_ref's preference for correct answers: π_ref(correct) ≈ 18·4 / (18·4 + 72) = 0.5
+
+# `--task numbers`, for a pretrained chat model (README: Figure 1 on a real LLM): questions it answers
+# with a bare number, each with 10-22 correct two-digit answers, chosen by measuring π_ref (Qwen2.5-
+# Coder-0.5B-Instruct puts 97-98% of its mass on "0" ... "99" and is right 36-67% of the time).
+NUMBER_SPACE = [str(n) for n in range(100)]
+NUMBER_RULES = {
+    "Name a two-digit prime number.": lambda n: all(n % d for d in range(2, 10) if d < n),
+    "Name a two-digit multiple of 7.": lambda n: n % 7 == 0,
+    "Name a two-digit number divisible by 9.": lambda n: n % 9 == 0,
+    "Name a two-digit multiple of 4.": lambda n: n % 4 == 0,
+}
+REPLY = " Reply with the number only."
 
 
 def question(m: int, r: int) -> str:
@@ -54,26 +68,49 @@ def graded_reward(completion: str, answer: str) -> float:
     return modes_reward(completion, answer) * (1.0 if completion.strip().endswith("8") else 0.5)
 
 
+def numbers_reward(completion: str, answer: str) -> float:
+    """1.0 when the response is exactly one of the correct strings (answer: '11,13,...'), else 0.0:
+    strict about the format, so every rewarded response lies in the enumerated NUMBER_SPACE."""
+    return float(completion in answer.split(","))
+
+
+def task_prompts(task: str) -> list[tuple[str, list[str], list[bool]]]:
+    """Each prompt of a task: its question, the answer space, and which answers are correct."""
+    if task == "numbers":
+        out = []
+        for q, rule in NUMBER_RULES.items():
+            out.append((q + REPLY, NUMBER_SPACE, [len(a) == 2 and rule(int(a)) for a in NUMBER_SPACE]))
+        return out
+    return [(question(m, r), ANSWERS, correct_set(f"{m}:{r}")) for m, r in PROMPTS]
+
+
 def make_task(name: str) -> tuple[Dataset, Dataset, fm.RewardFn]:
     """The task's prompts (train = held-out: the point is the distribution per prompt) and reward."""
+    if name == "numbers":
+        prompts = task_prompts(name)
+        fields = [",".join(a for a, ok in zip(space, correct) if ok) for _, space, correct in prompts]
+        ds = Dataset.from_dict({"question": [q for q, _, _ in prompts], "answer": fields})
+        return ds, ds, numbers_reward
     ds = Dataset.from_dict({"question": [question(m, r) for m, r in PROMPTS],
                             "answer": [f"{m}:{r}" for m, r in PROMPTS]})
     return ds, ds, {"modes": modes_reward, "graded": graded_reward}[name]
 
 
-def answer_batch(tokenizer, q: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_batch(tokenizer, q: str, space: list[str] = ANSWERS) -> tuple[torch.Tensor, ...]:
     """The prompt's ids (P,), and every answer + EOS right-padded: ids and mask (A, T)."""
-    prompt = tokenizer(fm.format_prompt(tokenizer, q), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in ANSWERS]
+    text = fm.format_prompt(tokenizer, q)
+    prompt = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    eos = [tokenizer.eos_token_id]
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] + eos for a in space]
     T = max(map(len, answers))
     ids = torch.tensor([a + [tokenizer.pad_token_id] * (T - len(a)) for a in answers])
     return prompt, ids, torch.tensor([[1.0] * len(a) + [0.0] * (T - len(a)) for a in answers])
 
 
 @torch.inference_mode()
-def answer_logprobs(model, tokenizer, q: str) -> torch.Tensor:
+def answer_logprobs(model, tokenizer, q: str, space: list[str] = ANSWERS) -> torch.Tensor:
     """Exact log π(a + EOS | x) for every answer a, in one teacher-forced forward. (A,)"""
-    prompt, ids, mask = (x.to(model.device) for x in answer_batch(tokenizer, q))
+    prompt, ids, mask = (x.to(model.device) for x in answer_batch(tokenizer, q, space))
     model.eval()
     logp, _ = fm.sequence_logprobs(model, [prompt], [0] * len(ids), ids, mask, 1.0)
     return torch.where(mask.bool(), logp, 0.0).sum(-1).cpu()
@@ -82,26 +119,31 @@ def answer_logprobs(model, tokenizer, q: str) -> torch.Tensor:
 def mode_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, correct: torch.Tensor) -> dict[str, float]:
     """Exact metrics of a policy against p* = π_ref restricted to the correct answers, renormalised.
 
-    accuracy: π(correct); modes_covered: correct answers holding at least half their share under p*;
-    entropy: of π restricted to the correct answers (max: log n_modes); kl_target: KL(p* ‖ π_θ)."""
+    mass: π(answer space), the rest is outside the format; accuracy: π(correct); modes_covered:
+    correct answers holding at least half their share under p*; entropy: of π restricted to the
+    correct answers (max: log n_modes); kl_target: KL(p* ‖ π_θ)."""
     p, target = logp.exp(), torch.softmax(ref_logp.masked_fill(~correct, -math.inf), 0)
     acc = p[correct].sum()
     q = p[correct] / acc  # π restricted to the correct set
     t = target[correct]
-    return {"accuracy": acc.item(), "modes_covered": int((q >= 0.5 * t).sum()), "n_modes": int(correct.sum()),
+    return {"mass": p.sum().item(), "accuracy": acc.item(),
+            "modes_covered": int((q >= 0.5 * t).sum()), "n_modes": int(correct.sum()),
             "kl_target": (t * (t.log() - logp[correct])).sum().item(),
             "entropy": -(q * q.log()).sum().item(), "max_entropy": math.log(int(correct.sum()))}
 
 
-def task_metrics(model, tokenizer, ref_logps: list[torch.Tensor]) -> dict[str, float]:
-    """mode_metrics averaged over the task's prompts (modes_covered and n_modes summed), plus high_share:
-    the share of the correct mass on the answers `graded` rewards most (those ending in 8)."""
+def task_metrics(model, tokenizer, ref_logps: list[torch.Tensor], task: str) -> dict[str, float]:
+    """mode_metrics averaged over the task's prompts (modes_covered and n_modes summed); on `graded`
+    also high_share: the share of the correct mass on the answers it rewards most (ending in 8)."""
     per = []
-    for (m, r), ref in zip(PROMPTS, ref_logps):
-        logp, correct = answer_logprobs(model, tokenizer, question(m, r)), torch.tensor(correct_set(f"{m}:{r}"))
-        high = correct & torch.tensor([a.endswith("8") for a in ANSWERS])
-        per.append({**mode_metrics(logp, ref, correct), "high_share": (logp[high].exp().sum() / logp[correct].exp().sum()).item()})
-    return {k: (sum if k in ("modes_covered", "n_modes") else statistics.mean)(d[k] for d in per) for k in per[0]}
+    for (q, space, correct), ref in zip(task_prompts(task), ref_logps):
+        logp, correct = answer_logprobs(model, tokenizer, q, space), torch.tensor(correct)
+        per.append(mode_metrics(logp, ref, correct))
+        if task == "graded":
+            high = correct & torch.tensor([a.endswith("8") for a in space])
+            per[-1]["high_share"] = (logp[high].exp().sum() / logp[correct].exp().sum()).item()
+    summed = ("modes_covered", "n_modes")
+    return {k: (sum if k in summed else statistics.mean)(d[k] for d in per) for k in per[0]}
 
 
 def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3, boost: float = BOOST) -> None:
@@ -124,49 +166,57 @@ def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3, 
         opt.step()
 
 
-def run(task: str, algo: str, model, tokenizer, seed: int, flags: list[str], every: int = 10) -> list[dict]:
-    """Train one algorithm with flowrl_min.train from the given (warm-started) weights; exact metrics every
-    few steps (step 0 is π_ref itself)."""
+def run(task: str, algo: str, model, tokenizer, seed: int, flags: list[str], every: int = 10,
+        model_name: str = "tiny") -> list[dict]:
+    """Train one algorithm with flowrl_min.train from the given (warm-started or pretrained) weights;
+    exact metrics every few steps (step 0 is π_ref itself)."""
+    # --model only picks the defaults that depend on it (log Z's lr, checkpointing); the model is given
     cfg = fm.parse_args(["--algo", algo, "--dataset", task, "--seed", str(seed), "--eval-every", "0",
-                         "--out", f"toy_out/{task}-{algo}-seed{seed}", "--overwrite", *flags])
-    ref_logps = [answer_logprobs(model, tokenizer, question(m, r)) for m, r in PROMPTS]
+                         "--model", model_name, "--out", f"toy_out/{task}-{algo}-seed{seed}",
+                         "--overwrite", *flags])
+    if cfg.lora_r:
+        fm.add_lora(model, cfg.lora_r, cfg.lora_alpha)
+    ref_logps = [answer_logprobs(model, tokenizer, q, space) for q, space, _ in task_prompts(task)]
     train_ds, eval_ds, reward_fn = make_task(task)
 
     def track(step: int, policy) -> dict:
-        return task_metrics(policy, tokenizer, ref_logps) if step % every == 0 or step == cfg.steps else {}
+        if step % every == 0 or step == cfg.steps:
+            return task_metrics(policy, tokenizer, ref_logps, task)
+        return {}
 
     torch.manual_seed(seed)
-    return [{"step": 0, **task_metrics(model, tokenizer, ref_logps)}] + fm.train(
+    return [{"step": 0, **task_metrics(model, tokenizer, ref_logps, task)}] + fm.train(
         cfg, model, tokenizer, train_ds, eval_ds, reward_fn, on_step=track)
 
 
-def histogram(dists: dict[str, torch.Tensor], width: int = 30) -> str:
+def histogram(dists: dict[str, torch.Tensor], space: list[str], width: int = 30) -> str:
     """A terminal histogram of answer distributions side by side, one row per answer any of them holds."""
-    rows = [i for i in range(len(ANSWERS)) if max(float(d[i]) for d in dists.values()) >= 0.005]
+    rows = [i for i in range(len(space)) if max(float(d[i]) for d in dists.values()) >= 0.005]
     top = max(float(d.max()) for d in dists.values())
     head = "ans " + "".join(f"{k:<{width + 7}}" for k in dists)
-    lines = [head] + [f"{ANSWERS[i]:>3} " + "".join(
+    lines = [head] + [f"{space[i]:>3} " + "".join(
         f"{'#' * round(float(d[i]) / top * width):<{width}} {float(d[i]):.3f} " for d in dists.values()) for i in rows]
     return "\n".join(lines)
 
 
 def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[dict]]], title: str,
-         correct: torch.Tensor) -> None:
+         correct: torch.Tensor, space: list[str]) -> None:
     """Target vs GRPO vs FlowRL: the mass on each correct answer (and on all wrong ones together), and
     modes covered and KL over training steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [2.4, 1, 1]})
-    names = [a for a, ok in zip(ANSWERS, correct.tolist()) if ok] + ["all\nwrong"]
+    names = [a for a, ok in zip(space, correct.tolist()) if ok] + ["all\nwrong"]
     x, w = torch.arange(len(names)).float(), 0.28
     color = {"target p*": "tab:gray", "grpo": "tab:red", "flowrl": "tab:blue"}
     label = {"target p*": "target p* (π_ref on the correct answers)", "grpo": "GRPO", "flowrl": "FlowRL"}
     for j, (name, d) in enumerate(dists.items()):
-        heights = torch.cat([d[correct], d[~correct].sum(0, keepdim=True)])
+        # "all wrong": the wrong answers and whatever lies outside the answer space
+        heights = torch.cat([d[correct], 1 - d[correct].sum(0, keepdim=True)])
         ax[0].bar(x + (j - 1) * w, heights.numpy(), w, label=label[name], color=color[name])
     ax[0].set_xticks(x.numpy(), names, fontsize=8)
-    ax[0].set(title="probability of each correct answer after training (seed 0)", xlabel="answer",
+    ax[0].set(title="first prompt: probability of each correct answer after training (seed 0)", xlabel="answer",
               ylabel="probability")
     ax[0].legend()
     for algo, runs in curves.items():
@@ -175,8 +225,10 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
             per_seed = [[m[key] for m in run if "kl_target" in m] for run in runs]
             mean = [statistics.mean(v) for v in zip(*per_seed)]
             ax[k].plot(steps, mean, label=label[algo], color=color[algo], linewidth=2)
-    n_modes = int(correct.sum())
-    ax[1].set(title=f"modes covered (of {n_modes}), mean over seeds", xlabel="training step", ylim=(0, n_modes + 1))
+    # the curves count the modes of every prompt of the task; the bars show the first prompt only
+    n_modes = next(iter(curves.values()))[0][0]["n_modes"]
+    ax[1].set(title=f"modes covered (of {n_modes}, all prompts), mean over seeds",
+              xlabel="training step", ylim=(0, n_modes + 1))
     ax[2].set(title="KL(p* ‖ π_θ), mean over seeds", xlabel="training step", yscale="log")
     ax[1].legend()
     ax[2].legend()
@@ -188,59 +240,103 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
     fig.savefig(path, dpi=110)
 
 
-KEYS = ("accuracy", "modes_covered", "n_modes", "kl_target", "entropy", "max_entropy", "high_share")
+KEYS = ("mass", "accuracy", "modes_covered", "n_modes", "kl_target", "entropy", "max_entropy",
+        "high_share")
+# per-model defaults: (the tiny random model, a pretrained model); README says how each was chosen
+DEFAULTS = {"steps": (200, 40), "lr": (3e-4, 3e-5), "group_size": (16, 8), "lora_r": (0, 16)}
+
+
+def initial_model(name: str, seed: int):
+    """π_ref and its tokenizer: the tiny model warm-started on the answer format, or a pretrained one."""
+    if name == "tiny":
+        torch.manual_seed(seed)
+        model, tokenizer = fm.build_tiny_model(seed)
+        warm_start(model, tokenizer, seed)
+        return model, tokenizer
+    model, tokenizer = fm.load_model(name, seed)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="FlowRL vs GRPO on a toy multimodal reward, with exact metrics",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="modes", choices=["modes", "graded"],
-                   help="modes: 18 equally correct answers; graded: correct answers of two reward levels")
+    p.add_argument("--task", default="modes", choices=["modes", "graded", "numbers"],
+                   help="modes: 18 equally correct answers; graded: correct answers of two reward levels; "
+                        "numbers: four questions for a pretrained chat model (needs --model)")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (random, warm-started here) or a pretrained chat model (hub id or dir)")
     p.add_argument("--seeds", type=int, default=3, help="repeat over seeds 0..N-1, report mean and spread")
-    p.add_argument("--steps", type=int, default=200, help="rollout batches per run")
+    p.add_argument("--steps", type=int, help="rollout batches per run (default: 200; 40 for --model)")
     p.add_argument("--beta", type=float, default=1.0,
                    help="FlowRL's β (README: why 1, not the paper's 15, here)")
-    p.add_argument("--group-size", type=int, default=16, help="G: samples per prompt")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of both algorithms")
+    p.add_argument("--group-size", type=int, help="G: samples per prompt (default: 16; 8 for --model)")
+    p.add_argument("--lr", type=float, help="learning rate of both (default: 3e-4; 3e-5 for --model)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank for both, 0: full fine-tuning (default: 0; "
+                                              "16 for --model)")
     p.add_argument("--plot", default="toy_out/toy_modes.png",
                    help="the figure ('' for none; the README's copy: --plot toy_modes.png)")
     p.add_argument("--json", default="toy_out/toy_modes.json",
                    help="the results ('' for none; the README's copy: --json toy_modes.json)")
     p.add_argument("--algos", default="grpo,flowrl", help="which to train, comma-separated")
     args, flowrl_flags = p.parse_known_args(argv)  # any other flag goes to FlowRL's run (e.g. --no-length-norm)
+    if (args.task == "numbers") == (args.model == "tiny"):
+        fm.die("--task numbers is for a pretrained chat model (--model DIR), and a pretrained model "
+               "needs --task numbers: the tiny model's tasks are modes and graded")
+    for name, (tiny, pretrained) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.model == "tiny" else pretrained)
     fm.transformers.logging.set_verbosity_error()
     fm.transformers.logging.disable_progress_bar()
-    flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr", str(args.lr), "--micro-batch", "64"]
+    flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr", str(args.lr),
+             "--lora-r", str(args.lora_r), "--max-new-tokens", "4"]
+    # the tiny model packs all 64 rollouts in one forward; a real model keeps the trainer's default
+    if args.model == "tiny":
+        flags += ["--micro-batch", "64"]
     curves: dict[str, list[list[dict]]] = {a: [] for a in args.algos.split(",")}
+    q0, space, correct0 = task_prompts(args.task)[0]
+    correct0 = torch.tensor(correct0)
     dists = {}
+    base = None
+    walls: dict[str, list[float]] = {a: [] for a in curves}  # seconds per run, exact metrics included
     for seed in range(args.seeds):
-        torch.manual_seed(seed)
-        model, tokenizer = fm.build_tiny_model(seed)
-        warm_start(model, tokenizer, seed)
+        # the tiny model's π_ref depends on the seed (its warm start); a pretrained one is loaded once
+        if base is None or args.model == "tiny":
+            model, tokenizer = initial_model(args.model, seed)
+            base = model
         for algo, runs in curves.items():
             policy = copy.deepcopy(model)  # the same initial weights for both
             extra = ["--beta", str(args.beta), *flowrl_flags] if algo == "flowrl" else []
-            runs.append(run(args.task, algo, policy, tokenizer, seed, flags + extra))
+            # a pretrained model moves within a few steps: exact metrics every 5 steps, not 10
+            every = 10 if args.model == "tiny" else 5
+            start = time.perf_counter()
+            runs.append(run(args.task, algo, policy, tokenizer, seed, flags + extra, every, args.model))
+            walls[algo].append(time.perf_counter() - start)
             if seed == 0:
-                dists[algo] = answer_logprobs(policy, tokenizer, question(*PROMPTS[0])).exp()
+                dists[algo] = answer_logprobs(policy, tokenizer, q0, space).exp()
+            del policy
         if seed == 0:
-            ref = answer_logprobs(model, tokenizer, question(*PROMPTS[0]))
-            correct = torch.tensor(correct_set(f"{PROMPTS[0][0]}:{PROMPTS[0][1]}"))
-            dists = {"target p*": torch.softmax(ref.masked_fill(~correct, -math.inf), 0), **dists}
+            ref = answer_logprobs(model, tokenizer, q0, space)
+            dists = {"target p*": torch.softmax(ref.masked_fill(~correct0, -math.inf), 0), **dists}
+    keys = [k for k in KEYS if k in next(iter(curves.values()))[0][0]]
     final = {algo: [run[-1] for run in runs] for algo, runs in curves.items()}
-    summary = {"ref": {k: statistics.mean(r[0][k] for r in next(iter(curves.values()))) for k in KEYS}}
+    summary = {"ref": {k: statistics.mean(r[0][k] for r in next(iter(curves.values()))) for k in keys}}
     for algo, ms in final.items():
-        summary[algo] = {k: statistics.mean(m[k] for m in ms) for k in KEYS}
-        summary[algo]["spread"] = {k: statistics.pstdev(m[k] for m in ms) for k in KEYS}
-        summary[algo]["per_seed"] = [{k: m[k] for k in KEYS} for m in ms]
-    summary["config"] = {**vars(args), "flowrl_flags": flowrl_flags, "prompts": PROMPTS}
+        summary[algo] = {k: statistics.mean(m[k] for m in ms) for k in keys}
+        summary[algo]["spread"] = {k: statistics.pstdev(m[k] for m in ms) for k in keys}
+        summary[algo]["per_seed"] = [{k: m[k] for k in keys} for m in ms]
+        summary[algo]["wall_s"] = walls[algo]
+        summary[algo]["curves"] = [[{k: m[k] for k in ["step", *keys] if k in m} for m in run
+                                    if "kl_target" in m] for run in curves[algo]]
+    summary["config"] = {**vars(args), "flowrl_flags": flowrl_flags,
+                         "prompts": [q for q, _, _ in task_prompts(args.task)]}
     print(f"\n{args.task}: {args.seeds} seed(s) x {args.steps} steps, G={args.group_size}, lr={args.lr}, "
-          f"FlowRL beta={args.beta} {' '.join(flowrl_flags)}; mean ± spread over seeds, exact (every answer teacher-forced)")
+          f"LoRA r={args.lora_r}, FlowRL beta={args.beta} {' '.join(flowrl_flags)}; mean ± spread over "
+          "seeds, exact (every answer teacher-forced)")
     print(f"{'metric':<16}{'pi_ref (step 0)':>18}" + "".join(f"{a:>20}" for a in curves))
-    for k in KEYS:
+    for k in keys:
         cells = [f"{summary['ref'][k]:.3f}"] + [f"{summary[a][k]:.3f} ± {summary[a]['spread'][k]:.3f}" for a in curves]
         print(f"{k:<16}" + "".join(f"{c:>20}" if i else f"{c:>18}" for i, c in enumerate(cells)))
-    print("\nanswer distributions after training (seed 0):\n" + histogram(dists))
+    print(f"\nanswer distributions after training (seed 0), {q0!r}:\n" + histogram(dists, space))
     for path in (args.json, args.plot):
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -248,10 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     if args.plot:
-        m, r = PROMPTS[0]
-        title = (f"\"{question(m, r)}\": which correct answers does each method keep? "
-                 f"(FlowRL β = {args.beta}, {args.seeds} seed(s), task {args.task})")
-        plot(args.plot, dists, curves, title, torch.tensor(correct_set(f"{m}:{r}")))
+        what = f"task {args.task}"
+        if args.model != "tiny":
+            what += f", {os.path.basename(os.path.normpath(args.model))}, LoRA r={args.lora_r}"
+        title = (f"\"{q0}\": which correct answers does each method keep? "
+                 f"(FlowRL β = {args.beta}, {args.seeds} seed(s), {what})")
+        plot(args.plot, dists, curves, title, correct0, space)
         print(f"figure: {args.plot}")
     return summary
 
