@@ -96,7 +96,7 @@ class Config:
     epochs: int = opt(1, "passes over each rollout batch")
     mini_batches: int = opt(1, "optimiser steps per pass (w ≠ 1 from the second one on)")
     micro_batch: int = opt(32, "responses per packed forward/backward, with their prompts (gradient accumulation)")
-    micro_tokens: int = opt(1024, "tokens per packed forward/backward, prompts included (veRL: "
+    micro_tokens: int = opt(512, "tokens per packed forward/backward, prompts included (veRL: "
                             "ppo_max_token_len_per_gpu); a longer response gets a forward of its own")
     grad_ckpt: bool = opt(None, "activation checkpointing in the update: far less memory for one more "
                           "forward of the layers (default: on, off for the tiny model)")
@@ -906,8 +906,9 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         if logz is not None:
             logz.load_state_dict(resume["logz"])
         # the steps the checkpoint holds; a later line (written after it) is dropped and redone
-        with open(metrics_path) as f:
-            history = [m for m in map(json.loads, f) if m["step"] <= done]
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                history = [m for m in map(json.loads, f) if m["step"] <= done]
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"]:
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])

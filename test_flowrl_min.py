@@ -23,6 +23,12 @@ warnings.filterwarnings("ignore", "Unknown pytest.mark.slow", pytest.PytestUnkno
 TIMING = {"gen_s", "ref_s", "update_s"}
 
 
+@pytest.fixture(autouse=True)
+def _own_directory(tmp_path, monkeypatch):
+    """Every test runs in its own empty directory: a run the user left in ./out changes nothing."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return fm.build_tiny_model(0)
@@ -483,6 +489,17 @@ def test_resume_gives_the_uninterrupted_run_bitwise(extra, tmp_path):
     (wa, za), (wb, zb) = _saved_weights(tmp_path / "a"), _saved_weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(torch.equal(za[k], zb[k]) for k in za)
+
+
+def test_save_every_saves_whole_steps_atomically(monkeypatch, tmp_path):
+    saved, real = [], fm.save_checkpoint
+
+    def spy(out, model, tokenizer, logz, cfg, state=None):
+        saved.append(state["step"])
+        return real(out, model, tokenizer, logz, cfg, state)
+    monkeypatch.setattr(fm, "save_checkpoint", spy)
+    fm.main(["--steps", "5", "--save-every", "2", "--eval-every", "0", "--out", str(tmp_path)])
+    assert saved == [2, 4, 5] and not [p for p in os.listdir(tmp_path) if p.startswith(".checkpoint")]
 
 
 def test_resume_refuses_empty_foreign_and_contradicting(tmp_path):
