@@ -517,7 +517,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     """GRPO as in veRL: clipped surrogate with Â_i = r̂_i on every token, dual-clipped at −c·Â for
     Â < 0, plus kl_coef · k3 KL to π_ref clamped to [−10, 10], averaged over all response tokens of the
     batch ("token-mean"); both log-ratios are clamped to [−20, 20] before exp, as veRL does. The dual
-    clip and the clamps only act off-policy (ρ far from 1). Shapes as in flowrl_loss."""
+    clip acts only off-policy (ρ far from 1); the k3 clamp also on-policy, on sampled tokens with
+    π_ref/π_θ > 13.5. Shapes as in flowrl_loss."""
     log_ratio = torch.where(mask.bool(), logp - old_logp, 0.0).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)  # ρ (N, T)
     a = adv.unsqueeze(-1)  # (N, 1)
@@ -912,7 +913,8 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"]:
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-    rng = rng_state() if resume is None else resume["rng"]
+    # the random state as of the last whole step (a resumed run's is the one just restored)
+    rng = rng_state()
 
     def save() -> str:
         state = {"step": done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}
@@ -928,7 +930,6 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 history.append({"step": 0, **evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids)})
                 log_file.write(json.dumps(history[0]) + "\n")
                 log_file.flush()
-            rng = rng_state() if resume is None else rng
             bar = tqdm(range(done + 1, cfg.steps + 1), desc=cfg.algo, dynamic_ncols=True, disable=None)
             for step in bar:
                 # 1. G responses for each prompt of the batch, scored by the rule-based reward; r̂ per group
@@ -974,8 +975,9 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         guard.hold = True
         if stopped is None or done > 0:
             path = save()
-        elif resume is None:
-            # stopped before a step finished: leave no half-written run behind
+        else:
+            # stopped before a step finished (a resumed run has always finished one): leave no
+            # half-written run behind
             os.remove(metrics_path)
             with contextlib.suppress(OSError):
                 os.rmdir(cfg.out)

@@ -290,24 +290,23 @@ def main(argv: list[str] | None = None) -> dict:
     flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr", str(args.lr),
              "--lora-r", str(args.lora_r), "--max-new-tokens", "4"]
     # the tiny model packs all 64 rollouts in one forward; a real model keeps the trainer's default
+    # a pretrained model moves within a few steps: exact metrics every 5 steps, not 10
+    every = 5
     if args.model == "tiny":
         flags += ["--micro-batch", "64"]
+        every = 10
     curves: dict[str, list[list[dict]]] = {a: [] for a in args.algos.split(",")}
     q0, space, correct0 = task_prompts(args.task)[0]
     correct0 = torch.tensor(correct0)
     dists = {}
-    base = None
     walls: dict[str, list[float]] = {a: [] for a in curves}  # seconds per run, exact metrics included
     for seed in range(args.seeds):
         # the tiny model's π_ref depends on the seed (its warm start); a pretrained one is loaded once
-        if base is None or args.model == "tiny":
+        if seed == 0 or args.model == "tiny":
             model, tokenizer = initial_model(args.model, seed)
-            base = model
         for algo, runs in curves.items():
             policy = copy.deepcopy(model)  # the same initial weights for both
             extra = ["--beta", str(args.beta), *flowrl_flags] if algo == "flowrl" else []
-            # a pretrained model moves within a few steps: exact metrics every 5 steps, not 10
-            every = 10 if args.model == "tiny" else 5
             start = time.perf_counter()
             runs.append(run(args.task, algo, policy, tokenizer, seed, flags + extra, every, args.model))
             walls[algo].append(time.perf_counter() - start)
