@@ -1,17 +1,19 @@
 """Toy multimodal-reward tasks: FlowRL keeps every mode where GRPO collapses onto a few.
 
-Every answer is a two-digit number 10..99 followed by EOS: 90 answers, few enough to teacher-force all of
-them and read off the policy's exact distribution, with no sampling noise. Each prompt has several
-equally correct answers (the modes): "a two-digit number that leaves remainder 3 when divided by 5"
-has 18 (13, 18, ..., 98). The tiny model first learns the answer format (warm_start), which gives π_ref;
-then GRPO and FlowRL train from the same weights with flowrl_min's own trainer, and we compare each policy with FlowRL's target
+Every answer is a two-digit number 10..99 followed by EOS: 90 answers, few enough to teacher-force
+all of them and read off the policy's exact distribution, with no sampling noise. Each prompt has
+several equally correct answers (the modes): "a two-digit number that leaves remainder 3 when
+divided by 5" has 18 (13, 18, ..., 98). A tiny random Qwen2 (built here, tokenizer included) first
+learns the answer format (warm_start), which gives π_ref; then GRPO and FlowRL train from the same
+weights with flowrl_min's own trainer, and we compare each policy with FlowRL's target
     p*(y|x) = π_ref(y|x) · 1[y correct] / π_ref(correct|x)
-(exp(β·r̂)·π_ref restricted to the reward's support: every correct answer has the same r̂ in a group).
+(exp(β·r̂)·π_ref restricted to the reward's support: every correct answer has the same r̂).
 
-    python toy_tasks.py                      # 3 seeds: table, histograms, toy_modes.png, toy_modes.json
+    python toy_tasks.py                   # 3 seeds: table, histograms, toy_modes.png, .json
     python toy_tasks.py --seeds 1 --steps 60
-    python flowrl_min.py --dataset modes     # the same task in the main trainer
-    python toy_tasks.py --task numbers --model DIR   # the same measurement on a pretrained chat model
+    python toy_tasks.py train             # one flowrl_min run on the tiny model, offline, ~10 s
+    python toy_tasks.py train --algo grpo # any flowrl_min flag works after `train`
+    python toy_tasks.py --task numbers --model DIR   # the same on a pretrained chat model
 """
 from __future__ import annotations
 
@@ -21,21 +23,40 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
+import sys
 import time
 
+
+def stop_while_importing(signum: int, frame) -> None:
+    """Ctrl-C or SIGTERM before flowrl_min is loaded: one line, exit status 128 + signal."""
+    name = signal.Signals(signum).name
+    print(f"\nstopped by {name} before the first step finished: nothing to save", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    # torch takes seconds to import: a Ctrl-C meanwhile is one line (then flowrl_min takes over)
+    signal.signal(signal.SIGINT, stop_while_importing)
+    signal.signal(signal.SIGTERM, stop_while_importing)
+
+import tokenizers as tk
 import torch
+import transformers
 from datasets import Dataset
 
 import flowrl_min as fm
 
 ANSWERS = [str(n) for n in range(10, 100)]  # the whole answer space of the toy tasks
-PROMPTS = [(5, 3)]  # (m, r): the correct answers are n with n % m == r: 13, 18, 23, ..., 98 (18 modes)
-BOOST = 4.0  # π_ref's preference for correct answers: π_ref(correct) ≈ 18·4 / (18·4 + 72) = 0.5
+# (m, r): the correct answers are n with n % m == r: 13, 18, 23, ..., 98 (18 modes)
+PROMPTS = [(5, 3)]
+# π_ref's preference for correct answers: π_ref(correct) ≈ 18·4 / (18·4 + 72) = 0.5
+BOOST = 4.0
 
-# `--task numbers`, for a pretrained chat model (README: Figure 1 on a real LLM): questions it answers
-# with a bare number, each with 10-22 correct two-digit answers, chosen by measuring π_ref (Qwen2.5-
-# Coder-0.5B-Instruct puts 97-98% of its mass on "0" ... "99" and is right 36-67% of the time).
+# `--task numbers`, for a pretrained chat model (README: Figure 1 on a real LLM): questions it
+# answers with a bare number, each with 10-22 correct two-digit answers, chosen by measuring π_ref
+# (Qwen2.5-Coder-0.5B-Instruct puts 97-98% of its mass on "0" ... "99", right 36-67% of the time).
 NUMBER_SPACE = [str(n) for n in range(100)]
 NUMBER_RULES = {
     "Name a two-digit prime number.": lambda n: all(n % d for d in range(2, 10) if d < n),
@@ -45,9 +66,47 @@ NUMBER_RULES = {
 }
 REPLY = " Reply with the number only."
 
+# the tiny model: Qwen2's split regex and chat template, so digits are single tokens and the
+# tokenizer saves and reloads with AutoTokenizer like any other
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# flowrl_min's defaults for the tiny model: it trains fast, at a large learning rate
+TINY = {"model": "tiny", "dataset": "modes", "steps": 200, "lr": 3e-4, "logz_lr": 1e-2,
+        "max_new_tokens": 4, "grad_ckpt": False}
+
 
 def question(m: int, r: int) -> str:
     return f"Name a two-digit number that leaves remainder {r} when divided by {m}."
+
+
+def build_tiny_model(seed: int) -> tuple[transformers.PreTrainedModel,
+                                         transformers.PreTrainedTokenizerFast]:
+    """A random 2-layer Qwen2 (about 0.1M parameters) and a byte-level BPE tokenizer trained
+    here on a fixed corpus: the toy question and 200 arithmetic questions."""
+    corpus = [question(*PROMPTS[0])] + list(fm.arith_dataset(200, seed)["question"])
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.normalizer = tk.normalizers.NFC()
+    split = tk.pre_tokenizers.Split(tk.Regex(QWEN2_SPLIT), "isolated")
+    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence([split, byte_level])
+    tok.decoder = tk.decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = tk.trainers.BpeTrainer(vocab_size=384, special_tokens=specials, show_progress=False,
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus + ["user assistant system"], trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHATML, padding_side="left")
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    return transformers.Qwen2ForCausalLM(config), tokenizer
 
 
 def correct_set(answer: str) -> list[bool]:
@@ -64,13 +123,13 @@ def modes_reward(completion: str, answer: str) -> float:
 
 
 def graded_reward(completion: str, answer: str) -> float:
-    """Modes of unequal reward: a correct number ending in 8 scores 1.0, one ending in 3 scores 0.5."""
+    """Modes of unequal reward: a correct number ending in 8 scores 1.0, one ending in 3, 0.5."""
     return modes_reward(completion, answer) * (1.0 if completion.strip().endswith("8") else 0.5)
 
 
 def numbers_reward(completion: str, answer: str) -> float:
-    """1.0 when the response is exactly one of the correct strings (answer: '11,13,...'), else 0.0:
-    strict about the format, so every rewarded response lies in the enumerated NUMBER_SPACE."""
+    """1.0 when the response is exactly one of the correct strings (answer: '11,13,...'), else
+    0.0: strict about the format, so every rewarded response lies in NUMBER_SPACE."""
     return float(completion in answer.split(","))
 
 
@@ -79,16 +138,18 @@ def task_prompts(task: str) -> list[tuple[str, list[str], list[bool]]]:
     if task == "numbers":
         out = []
         for q, rule in NUMBER_RULES.items():
-            out.append((q + REPLY, NUMBER_SPACE, [len(a) == 2 and rule(int(a)) for a in NUMBER_SPACE]))
+            correct = [len(a) == 2 and rule(int(a)) for a in NUMBER_SPACE]
+            out.append((q + REPLY, NUMBER_SPACE, correct))
         return out
     return [(question(m, r), ANSWERS, correct_set(f"{m}:{r}")) for m, r in PROMPTS]
 
 
 def make_task(name: str) -> tuple[Dataset, Dataset, fm.RewardFn]:
-    """The task's prompts (train = held-out: the point is the distribution per prompt) and reward."""
+    """The task's prompts (train = held-out: the point is the distribution per prompt), reward."""
     if name == "numbers":
         prompts = task_prompts(name)
-        fields = [",".join(a for a, ok in zip(space, correct) if ok) for _, space, correct in prompts]
+        fields = [",".join(a for a, ok in zip(space, correct) if ok)
+                  for _, space, correct in prompts]
         ds = Dataset.from_dict({"question": [q for q, _, _ in prompts], "answer": fields})
         return ds, ds, numbers_reward
     ds = Dataset.from_dict({"question": [question(m, r) for m, r in PROMPTS],
@@ -116,13 +177,15 @@ def answer_logprobs(model, tokenizer, q: str, space: list[str] = ANSWERS) -> tor
     return torch.where(mask.bool(), logp, 0.0).sum(-1).cpu()
 
 
-def mode_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, correct: torch.Tensor) -> dict[str, float]:
-    """Exact metrics of a policy against p* = π_ref restricted to the correct answers, renormalised.
+def mode_metrics(logp: torch.Tensor, ref_logp: torch.Tensor,
+                 correct: torch.Tensor) -> dict[str, float]:
+    """Exact metrics of a policy against p* = π_ref restricted to the correct answers.
 
     mass: π(answer space), the rest is outside the format; accuracy: π(correct); modes_covered:
     correct answers holding at least half their share under p*; entropy: of π restricted to the
     correct answers (max: log n_modes); kl_target: KL(p* ‖ π_θ)."""
-    p, target = logp.exp(), torch.softmax(ref_logp.masked_fill(~correct, -math.inf), 0)
+    p = logp.exp()
+    target = torch.softmax(ref_logp.masked_fill(~correct, -math.inf), 0)
     acc = p[correct].sum()
     q = p[correct] / acc  # π restricted to the correct set
     t = target[correct]
@@ -132,12 +195,18 @@ def mode_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, correct: torch.Tens
             "entropy": -(q * q.log()).sum().item(), "max_entropy": math.log(int(correct.sum()))}
 
 
-def task_metrics(model, tokenizer, ref_logps: list[torch.Tensor], task: str) -> dict[str, float]:
-    """mode_metrics averaged over the task's prompts (modes_covered and n_modes summed); on `graded`
-    also high_share: the share of the correct mass on the answers it rewards most (ending in 8)."""
+def task_logprobs(model, tokenizer, task: str) -> list[torch.Tensor]:
+    """Exact log π(a | x) of every answer, for each prompt of the task. [(A,)]"""
+    return [answer_logprobs(model, tokenizer, q, space) for q, space, _ in task_prompts(task)]
+
+
+def task_metrics(logps: list[torch.Tensor], ref_logps: list[torch.Tensor],
+                 task: str) -> dict[str, float]:
+    """mode_metrics averaged over the task's prompts (modes_covered and n_modes summed); on
+    `graded` also high_share: the share of the correct mass on its best answers (ending in 8)."""
     per = []
-    for (q, space, correct), ref in zip(task_prompts(task), ref_logps):
-        logp, correct = answer_logprobs(model, tokenizer, q, space), torch.tensor(correct)
+    for (q, space, correct), logp, ref in zip(task_prompts(task), logps, ref_logps):
+        correct = torch.tensor(correct)
         per.append(mode_metrics(logp, ref, correct))
         if task == "graded":
             high = correct & torch.tensor([a.endswith("8") for a in space])
@@ -146,63 +215,97 @@ def task_metrics(model, tokenizer, ref_logps: list[torch.Tensor], task: str) -> 
     return {k: (sum if k in summed else statistics.mean)(d[k] for d in per) for k in per[0]}
 
 
-def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3, boost: float = BOOST) -> None:
-    """Supervised pre-training (not RL) that gives the random tiny model a prior π_ref: answers drawn from
-    the whole answer space, each correct one `boost` times as often, so π_ref reads the prompt and
-    solves it some of the time, like a pretrained LLM, while spreading its mass over every mode."""
+def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3,
+               boost: float = BOOST) -> None:
+    """Supervised pre-training (not RL) that gives the random tiny model a prior π_ref: answers
+    drawn from the whole answer space, each correct one `boost` times as often, so π_ref reads
+    the prompt and solves it some of the time, like a pretrained LLM, with mass on every mode."""
     g = torch.Generator().manual_seed(seed)
-    batches = [[x.to(model.device) for x in answer_batch(tokenizer, question(m, r))] for m, r in PROMPTS]
-    weights = [1 + (boost - 1) * torch.tensor(correct_set(f"{m}:{r}"), dtype=torch.float) for m, r in PROMPTS]
+    batches = [[x.to(model.device) for x in answer_batch(tokenizer, question(m, r))]
+               for m, r in PROMPTS]
+    weights = [1 + (boost - 1) * torch.tensor(correct_set(f"{m}:{r}"), dtype=torch.float)
+               for m, r in PROMPTS]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         loss = 0.0
         for (prompt, ids, mask), wts in zip(batches, weights):
             pick = torch.multinomial(wts, 16, replacement=True, generator=g)
-            logp, _ = fm.sequence_logprobs(model, [prompt], [0] * len(pick), ids[pick], mask[pick], 1.0)
+            logp, _ = fm.sequence_logprobs(model, [prompt], [0] * len(pick), ids[pick],
+                                           mask[pick], 1.0)
             loss = loss - fm.masked_mean(logp, mask[pick]) / len(batches)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
-def run(task: str, algo: str, model, tokenizer, seed: int, flags: list[str], every: int = 10,
-        model_name: str = "tiny") -> list[dict]:
-    """Train one algorithm with flowrl_min.train from the given (warm-started or pretrained) weights;
-    exact metrics every few steps (step 0 is π_ref itself)."""
-    # --model only picks the defaults that depend on it (log Z's lr, checkpointing); the model is given
-    cfg = fm.parse_args(["--algo", algo, "--dataset", task, "--seed", str(seed), "--eval-every", "0",
-                         "--model", model_name, "--out", f"toy_out/{task}-{algo}-seed{seed}",
-                         "--overwrite", *flags])
+def initial_model(name: str, seed: int):
+    """π_ref and its tokenizer, on the GPU if there is one: the tiny model warm-started on the
+    answer format, or a pretrained one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "tiny":
+        model, tokenizer = fm.load_model(name)
+        return model.to(device), tokenizer
+    torch.manual_seed(seed)
+    model, tokenizer = build_tiny_model(seed)
+    model.to(device)
+    warm_start(model, tokenizer, seed)
+    return model, tokenizer
+
+
+def load_tiny(cfg: fm.Config) -> tuple:
+    """flowrl_min.main's loader for `python toy_tasks.py train`: the warm-started tiny model and
+    a toy task."""
+    if cfg.model != "tiny" or cfg.dataset not in ("modes", "graded"):
+        fm.die("toy_tasks.py train runs the tiny model on --dataset modes or graded; for a "
+               "pretrained model or another dataset use python flowrl_min.py")
+    return (*initial_model("tiny", cfg.seed), *make_task(cfg.dataset))
+
+
+def train_tiny(argv: list[str]) -> list[dict]:
+    """`python toy_tasks.py train [flags]`: flowrl_min's own main() on the tiny model."""
+    return fm.main(argv, TINY, load_tiny)
+
+
+def run(task: str, algo: str, model, tokenizer, ref_logps: list[torch.Tensor], seed: int,
+        flags: list[str], every: int = 10, model_name: str = "tiny") -> list[dict]:
+    """Train one algorithm with flowrl_min.train from the given (warm-started or pretrained)
+    weights; exact metrics every few steps (step 0 is π_ref itself, from ref_logps)."""
+    # --model only picks flowrl_min's defaults for it (learning rates, checkpointing)
+    defaults = TINY if model_name == "tiny" else {}
+    cfg = fm.parse_args(["--algo", algo, "--dataset", task, "--seed", str(seed), "--eval-every",
+                         "0", "--model", model_name, "--out", f"toy_out/{task}-{algo}-seed{seed}",
+                         "--overwrite", *flags], defaults)
     if cfg.lora_r:
         fm.add_lora(model, cfg.lora_r, cfg.lora_alpha)
-    ref_logps = [answer_logprobs(model, tokenizer, q, space) for q, space, _ in task_prompts(task)]
     train_ds, eval_ds, reward_fn = make_task(task)
 
     def track(step: int, policy) -> dict:
         if step % every == 0 or step == cfg.steps:
-            return task_metrics(policy, tokenizer, ref_logps, task)
+            return task_metrics(task_logprobs(policy, tokenizer, task), ref_logps, task)
         return {}
 
     torch.manual_seed(seed)
-    return [{"step": 0, **task_metrics(model, tokenizer, ref_logps, task)}] + fm.train(
-        cfg, model, tokenizer, train_ds, eval_ds, reward_fn, on_step=track)
+    history = fm.train(cfg, model, tokenizer, train_ds, eval_ds, reward_fn, on_step=track)
+    return [{"step": 0, **task_metrics(ref_logps, ref_logps, task)}] + history
 
 
 def histogram(dists: dict[str, torch.Tensor], space: list[str], width: int = 30) -> str:
-    """A terminal histogram of answer distributions side by side, one row per answer any of them holds."""
+    """A terminal histogram of answer distributions side by side, a row per answer any holds."""
     rows = [i for i in range(len(space)) if max(float(d[i]) for d in dists.values()) >= 0.005]
     top = max(float(d.max()) for d in dists.values())
-    head = "ans " + "".join(f"{k:<{width + 7}}" for k in dists)
-    lines = [head] + [f"{space[i]:>3} " + "".join(
-        f"{'#' * round(float(d[i]) / top * width):<{width}} {float(d[i]):.3f} " for d in dists.values()) for i in rows]
+    lines = ["ans " + "".join(f"{k:<{width + 7}}" for k in dists)]
+    for i in rows:
+        bars = [f"{'#' * round(float(d[i]) / top * width):<{width}} {float(d[i]):.3f} "
+                for d in dists.values()]
+        lines.append(f"{space[i]:>3} " + "".join(bars))
     return "\n".join(lines)
 
 
-def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[dict]]], title: str,
-         correct: torch.Tensor, space: list[str]) -> None:
-    """Target vs GRPO vs FlowRL: the mass on each correct answer (and on all wrong ones together), and
-    modes covered and KL over training steps."""
+def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[dict]]],
+         title: str, correct: torch.Tensor, space: list[str]) -> None:
+    """Target vs GRPO vs FlowRL: the mass on each correct answer (and on all wrong ones
+    together), and modes covered and KL over training steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -210,14 +313,15 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
     names = [a for a, ok in zip(space, correct.tolist()) if ok] + ["all\nwrong"]
     x, w = torch.arange(len(names)).float(), 0.28
     color = {"target p*": "tab:gray", "grpo": "tab:red", "flowrl": "tab:blue"}
-    label = {"target p*": "target p* (π_ref on the correct answers)", "grpo": "GRPO", "flowrl": "FlowRL"}
+    label = {"target p*": "target p* (π_ref on the correct answers)", "grpo": "GRPO",
+             "flowrl": "FlowRL"}
     for j, (name, d) in enumerate(dists.items()):
         # "all wrong": the wrong answers and whatever lies outside the answer space
         heights = torch.cat([d[correct], 1 - d[correct].sum(0, keepdim=True)])
         ax[0].bar(x + (j - 1) * w, heights.numpy(), w, label=label[name], color=color[name])
     ax[0].set_xticks(x.numpy(), names, fontsize=8)
-    ax[0].set(title="first prompt: probability of each correct answer after training (seed 0)", xlabel="answer",
-              ylabel="probability")
+    ax[0].set(title="first prompt: probability of each correct answer after training (seed 0)",
+              xlabel="answer", ylabel="probability")
     ax[0].legend()
     for algo, runs in curves.items():
         steps = [m["step"] for m in runs[0] if "kl_target" in m]
@@ -233,64 +337,66 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
     ax[1].legend()
     ax[2].legend()
     fig.suptitle(title)
-    fig.text(0.5, 0.01, "A correct answer is a covered mode when the policy gives it at least half of its "
-             "probability under p*. Exact numbers: every answer is teacher-forced, no sampling.",
-             ha="center", fontsize=9)
+    fig.text(0.5, 0.01, "A correct answer is a covered mode when the policy gives it at least "
+             "half of its probability under p*. Exact numbers: every answer is teacher-forced, "
+             "no sampling.", ha="center", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
 
 
 KEYS = ("mass", "accuracy", "modes_covered", "n_modes", "kl_target", "entropy", "max_entropy",
         "high_share")
-# per-model defaults: (the tiny random model, a pretrained model); README says how each was chosen
+# per-model defaults: (the tiny random model, a pretrained model); README: how each was chosen
 DEFAULTS = {"steps": (200, 40), "lr": (3e-4, 3e-5), "group_size": (16, 8), "lora_r": (0, 16)}
 
 
-def initial_model(name: str, seed: int):
-    """π_ref and its tokenizer: the tiny model warm-started on the answer format, or a pretrained one."""
-    if name == "tiny":
-        torch.manual_seed(seed)
-        model, tokenizer = fm.build_tiny_model(seed)
-        warm_start(model, tokenizer, seed)
-        return model, tokenizer
-    model, tokenizer = fm.load_model(name, seed)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="FlowRL vs GRPO on a toy multimodal reward, with exact metrics",
+def parse_toy_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The toy's flags; any other flag goes to FlowRL's run (e.g. --no-length-norm)."""
+    p = argparse.ArgumentParser(description="FlowRL vs GRPO on a toy multimodal reward, exact "
+                                "metrics (`train`: one flowrl_min run on the tiny model instead)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="modes", choices=["modes", "graded", "numbers"],
-                   help="modes: 18 equally correct answers; graded: correct answers of two reward levels; "
-                        "numbers: four questions for a pretrained chat model (needs --model)")
+                   help="modes: 18 equally correct answers; graded: correct answers of two "
+                        "reward levels; numbers: four questions for a pretrained chat model")
     p.add_argument("--model", default="tiny",
-                   help="'tiny' (random, warm-started here) or a pretrained chat model (hub id or dir)")
-    p.add_argument("--seeds", type=int, default=3, help="repeat over seeds 0..N-1, report mean and spread")
-    p.add_argument("--steps", type=int, help="rollout batches per run (default: 200; 40 for --model)")
+                   help="'tiny' (random, warm-started here) or a pretrained chat model")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: mean and spread")
+    p.add_argument("--steps", type=int, help="rollout batches per run (default: 200; 40 for "
+                   "--model)")
     p.add_argument("--beta", type=float, default=1.0,
                    help="FlowRL's β (README: why 1, not the paper's 15, here)")
-    p.add_argument("--group-size", type=int, help="G: samples per prompt (default: 16; 8 for --model)")
-    p.add_argument("--lr", type=float, help="learning rate of both (default: 3e-4; 3e-5 for --model)")
-    p.add_argument("--lora-r", type=int, help="LoRA rank for both, 0: full fine-tuning (default: 0; "
-                                              "16 for --model)")
+    p.add_argument("--group-size", type=int, help="G: samples per prompt (default: 16; 8 for "
+                   "--model)")
+    p.add_argument("--lr", type=float, help="learning rate of both (default: 3e-4; 3e-5 for "
+                   "--model)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank for both, 0: full fine-tuning "
+                   "(default: 0; 16 for --model)")
     p.add_argument("--plot", default="toy_out/toy_modes.png",
                    help="the figure ('' for none; the README's copy: --plot toy_modes.png)")
     p.add_argument("--json", default="toy_out/toy_modes.json",
                    help="the results ('' for none; the README's copy: --json toy_modes.json)")
     p.add_argument("--algos", default="grpo,flowrl", help="which to train, comma-separated")
-    args, flowrl_flags = p.parse_known_args(argv)  # any other flag goes to FlowRL's run (e.g. --no-length-norm)
+    args, flowrl_flags = p.parse_known_args(argv)
     if (args.task == "numbers") == (args.model == "tiny"):
-        fm.die("--task numbers is for a pretrained chat model (--model DIR), and a pretrained model "
-               "needs --task numbers: the tiny model's tasks are modes and graded")
+        fm.die("--task numbers is for a pretrained chat model (--model DIR), and a pretrained "
+               "model needs --task numbers: the tiny model's tasks are modes and graded")
     for name, (tiny, pretrained) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.model == "tiny" else pretrained)
-    fm.transformers.logging.set_verbosity_error()
-    fm.transformers.logging.disable_progress_bar()
-    flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr", str(args.lr),
-             "--lora-r", str(args.lora_r), "--max-new-tokens", "4"]
-    # the tiny model packs all 64 rollouts in one forward; a real model keeps the trainer's default
-    # a pretrained model moves within a few steps: exact metrics every 5 steps, not 10
+    return args, flowrl_flags
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return train_tiny(argv[1:])
+    args, flowrl_flags = parse_toy_args(argv)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr",
+             str(args.lr), "--lora-r", str(args.lora_r), "--max-new-tokens", "4"]
+    # the tiny model packs all 64 rollouts in one forward; a real model keeps the trainer's
+    # default, and moves within a few steps: exact metrics every 5 steps, not 10
     every = 5
     if args.model == "tiny":
         flags += ["--micro-batch", "64"]
@@ -299,26 +405,31 @@ def main(argv: list[str] | None = None) -> dict:
     q0, space, correct0 = task_prompts(args.task)[0]
     correct0 = torch.tensor(correct0)
     dists = {}
-    walls: dict[str, list[float]] = {a: [] for a in curves}  # seconds per run, exact metrics included
+    # seconds per run, exact metrics included
+    walls: dict[str, list[float]] = {a: [] for a in curves}
     for seed in range(args.seeds):
-        # the tiny model's π_ref depends on the seed (its warm start); a pretrained one is loaded once
+        # the tiny model's π_ref depends on the seed (its warm start); a pretrained one is loaded
+        # once; its exact answer log-probs are computed once per seed
         if seed == 0 or args.model == "tiny":
             model, tokenizer = initial_model(args.model, seed)
+            ref_logps = task_logprobs(model, tokenizer, args.task)
+        if seed == 0:
+            dists["target p*"] = torch.softmax(ref_logps[0].masked_fill(~correct0, -math.inf), 0)
         for algo, runs in curves.items():
-            policy = copy.deepcopy(model)  # the same initial weights for both
+            # the same initial weights for both
+            policy = copy.deepcopy(model)
             extra = ["--beta", str(args.beta), *flowrl_flags] if algo == "flowrl" else []
             start = time.perf_counter()
-            runs.append(run(args.task, algo, policy, tokenizer, seed, flags + extra, every, args.model))
+            runs.append(run(args.task, algo, policy, tokenizer, ref_logps, seed, flags + extra,
+                            every, args.model))
             walls[algo].append(time.perf_counter() - start)
             if seed == 0:
                 dists[algo] = answer_logprobs(policy, tokenizer, q0, space).exp()
             del policy
-        if seed == 0:
-            ref = answer_logprobs(model, tokenizer, q0, space)
-            dists = {"target p*": torch.softmax(ref.masked_fill(~correct0, -math.inf), 0), **dists}
     keys = [k for k in KEYS if k in next(iter(curves.values()))[0][0]]
     final = {algo: [run[-1] for run in runs] for algo, runs in curves.items()}
-    summary = {"ref": {k: statistics.mean(r[0][k] for r in next(iter(curves.values()))) for k in keys}}
+    summary = {"ref": {k: statistics.mean(r[0][k] for r in next(iter(curves.values())))
+                       for k in keys}}
     for algo, ms in final.items():
         summary[algo] = {k: statistics.mean(m[k] for m in ms) for k in keys}
         summary[algo]["spread"] = {k: statistics.pstdev(m[k] for m in ms) for k in keys}
@@ -328,13 +439,13 @@ def main(argv: list[str] | None = None) -> dict:
                                     if "kl_target" in m] for run in curves[algo]]
     summary["config"] = {**vars(args), "flowrl_flags": flowrl_flags,
                          "prompts": [q for q, _, _ in task_prompts(args.task)]}
-    print(f"\n{args.task}: {args.seeds} seed(s) x {args.steps} steps, G={args.group_size}, lr={args.lr}, "
-          f"LoRA r={args.lora_r}, FlowRL beta={args.beta} {' '.join(flowrl_flags)}; mean ± spread over "
-          "seeds, exact (every answer teacher-forced)")
+    print(f"\n{args.task}: {args.seeds} seed(s) x {args.steps} steps, G={args.group_size}, "
+          f"lr={args.lr}, LoRA r={args.lora_r}, FlowRL beta={args.beta} {' '.join(flowrl_flags)}; "
+          "mean ± spread over seeds, exact (every answer teacher-forced)")
     print(f"{'metric':<16}{'pi_ref (step 0)':>18}" + "".join(f"{a:>20}" for a in curves))
     for k in keys:
-        cells = [f"{summary['ref'][k]:.3f}"] + [f"{summary[a][k]:.3f} ± {summary[a]['spread'][k]:.3f}" for a in curves]
-        print(f"{k:<16}" + "".join(f"{c:>20}" if i else f"{c:>18}" for i, c in enumerate(cells)))
+        cells = [f"{summary[a][k]:.3f} ± {summary[a]['spread'][k]:.3f}" for a in curves]
+        print(f"{k:<16}{summary['ref'][k]:>18.3f}" + "".join(f"{c:>20}" for c in cells))
     print(f"\nanswer distributions after training (seed 0), {q0!r}:\n" + histogram(dists, space))
     for path in (args.json, args.plot):
         if path:
