@@ -666,7 +666,8 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 if guard.signum:
                     raise KeyboardInterrupt(guard.signum)
     except KeyboardInterrupt as e:
-        stopped = e.args[0]
+        # StopGuard passes the signal; a bare KeyboardInterrupt is a Ctrl-C
+        stopped = e.args[0] if e.args else signal.SIGINT
     guard.hold = True
     try:
         if not stopped or done:

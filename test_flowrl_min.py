@@ -726,6 +726,24 @@ def test_signal_during_the_update_finishes_that_step(monkeypatch, tmp_path, caps
     assert "steps 1-2  reward" in out.out  # the summary says which steps its numbers are from
 
 
+def test_a_bare_keyboard_interrupt_counts_as_sigint(monkeypatch, tmp_path, capsys):
+    # raised from inside sampling (not through StopGuard, so without a signal number)
+    real, calls = fm.sample, []
+
+    def interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fm, "sample", interrupt)
+    with pytest.raises(SystemExit) as e:
+        tt.train_tiny(["--steps", "9", "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert e.value.code == 130 and state["step"] == 1
+    assert "stopped by SIGINT during step 2: saved step 1 to" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signals_to_a_real_process_early_and_mid_run(signum, tmp_path):
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_tasks.py")
