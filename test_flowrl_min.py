@@ -363,6 +363,52 @@ def test_no_compute_on_padding_and_chunked_lm_head_changes_nothing(tiny):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_plain, g_chunk))
 
 
+def test_lm_head_chunks_are_small_only_for_a_frozen_head_under_a_graph(tiny):
+    head = copy.deepcopy(tiny[0].get_output_embeddings())
+    h = torch.randn(130, head.in_features, requires_grad=True)
+    y = torch.randint(0, head.out_features, (130,))
+    rows = []
+    head.register_forward_pre_hook(lambda m, a: rows.append(len(a[0])))
+    plain = (head(h) / 0.7).log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+    rows.clear()
+    fm.token_logprobs(head, h, y, 0.7)  # a trained head: 256-row chunks
+    assert rows == [130]
+    head.requires_grad_(False)  # LoRA: a frozen head, a graph through h
+    rows.clear()
+    frozen = fm.token_logprobs(head, h, y, 0.7)
+    assert rows == [64, 64, 2] and torch.allclose(frozen, plain, atol=1e-6)
+    rows.clear()
+    with torch.no_grad():  # scoring: 256-row chunks again
+        fm.token_logprobs(head, h, y, 0.7)
+    assert rows == [130]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_memory_is_given_back_after_sampling_and_the_update_with_lora_only(
+    lora, monkeypatch, tmp_path
+):
+    calls, real = [], {n: getattr(fm, n) for n in ("sample", "score", "update")}
+    for name in real:
+
+        def spy(*a, _name=name, **k):
+            calls.append(_name)
+            return real[_name](*a, **k)
+
+        monkeypatch.setattr(fm, name, spy)
+    monkeypatch.setattr(fm, "release_memory", lambda: calls.append("release"))
+    extra = ["--lora-r", "4"] if lora else []
+    tt.train_tiny(["--steps", "2", "--eval-every", "0", "--out", str(tmp_path), *extra])
+    phases = [c for c in calls if c != "release"]
+    if lora:
+        # each sample (2 steps and the final evaluation) and each update, never after scoring
+        expected = []
+        for c in phases:
+            expected += [c, "release"] if c in ("sample", "update") else [c]
+        assert calls == expected and calls.count("release") == 5
+    else:
+        assert calls == phases and len(phases) == 7
+
+
 def test_micro_batches_bound_rows_and_tokens_and_change_no_gradient(tiny, tmp_path):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     tt.warm_start(model, tok, 0, steps=20)
