@@ -263,7 +263,8 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
     rows = torch.arange(N, device=device)  # the rows still running
     model.eval()
     cuda = device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+    with (torch.inference_mode(), onednn_linear(),
+          torch.autocast(device.type, torch.bfloat16, enabled=cuda)):
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
@@ -342,7 +343,10 @@ def token_logprobs(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: 
             chunk = 64
 
     def one_chunk(h_c: Tensor, y_c: Tensor) -> Tensor:
-        logits = lm_head(h_c).float() / temperature  # (chunk, V)
+        logits = lm_head(h_c).float()  # (chunk, V)
+        # at T = 1 the division changes no bit: skip its (chunk, V) copy and its backward
+        if temperature != 1.0:
+            logits = logits / temperature
         return -F.cross_entropy(logits, y_c, reduction="none")
 
     out = []
@@ -406,10 +410,11 @@ def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> Tensor:
     """Per-token log-probs (N, T) of the rollouts under a model, without a graph."""
     model.eval()
     out = torch.zeros_like(r.mask)
-    for rows in micro_batches(torch.arange(len(r.mask)), r, cfg):
-        prompt_of = (rows // cfg.group_size).tolist()
-        out[rows] = sequence_logprobs(model, r.prompts, prompt_of, r.response_ids[rows],
-                                      r.mask[rows], cfg.temperature)[0]
+    with onednn_linear():
+        for rows in micro_batches(torch.arange(len(r.mask)), r, cfg):
+            prompt_of = (rows // cfg.group_size).tolist()
+            out[rows] = sequence_logprobs(model, r.prompts, prompt_of, r.response_ids[rows],
+                                          r.mask[rows], cfg.temperature)[0]
     return out
 
 
@@ -1056,6 +1061,42 @@ def restore(resume: dict, metrics_path: str, opt, sched, logz: LogZ | None) -> t
     return resume["step"], history
 
 
+def rng_state() -> dict:
+    """The random state a resumed run continues from (sampling, log Z dropout, mini-batches)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+# ----------------------------------------------------------------------------- plumbing: CPU speed
+@contextlib.contextmanager
+def onednn_linear(min_size: int = 2**19):
+    """Inside this block, forwards without a graph on the CPU run each nn.Linear whose weight has
+    min_size elements or more through oneDNN's matmul instead of MKL's: 1.5-3× faster for the
+    few-row shapes of decoding, 1.3× for scoring (README: speed); equal up to rounding. The one
+    private name in the file, checked with torch 2.13: torch.ops.mkldnn._linear_pointwise takes
+    the plain (out, in) weight; where it is missing, nothing changes."""
+    plain = F.linear
+    kernel = None
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        kernel = torch.ops.mkldnn._linear_pointwise
+
+    def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        big = weight.numel() >= min_size and weight.dtype == x.dtype == torch.float32
+        if big and x.is_cpu and not torch.is_grad_enabled():
+            return kernel(x, weight, bias, "none", [], "")
+        return plain(x, weight, bias)
+
+    if kernel is not None:
+        # nn.Linear.forward calls torch.nn.functional.linear: swapped for this block only
+        F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = plain
+
+
 def release_memory() -> None:
     """Give the heap memory a phase freed back to the OS: glibc keeps it (README: memory). Used
     after LoRA's sampling and update: the 30-step peak falls from 5.37 to 4.98 GiB for 3-4% of a
@@ -1067,13 +1108,6 @@ def release_memory() -> None:
         if resident > 2**30:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
-
-def rng_state() -> dict:
-    """The random state a resumed run continues from (sampling, log Z dropout, mini-batches)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 # ----------------------------------------------------------------------------- --check-batch

@@ -317,6 +317,64 @@ def test_sampler_prefills_once_and_finished_rows_cost_nothing(tiny):
     assert 0 == running[-1] < running[1] < running[0] < 8  # rows left the batch at different steps
 
 
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """A list that grows by one at each call of oneDNN's linear kernel."""
+    calls = []
+    kernel = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or kernel(*a)
+    )
+    return calls
+
+
+def test_onednn_linear_only_for_big_weights_without_a_graph(onednn_calls):
+    calls = onednn_calls
+    torch.manual_seed(0)
+    big, small = torch.nn.Linear(1024, 600), torch.nn.Linear(1024, 300)  # 2^19 = 524,288
+    x = torch.randn(5, 3, 1024)
+    plain_big, plain_small = big(x), small(x)
+    with fm.onednn_linear():
+        with torch.inference_mode():
+            fast = big(x)
+            assert calls == [1]
+            assert torch.equal(small(x), plain_small)  # a small weight keeps the plain kernel
+        trained = big(x)  # with a graph: the plain kernel, bitwise, and a gradient
+        assert calls == [1]
+    assert torch.nn.functional.linear is fm.F.linear is torch._C._nn.linear  # restored
+    assert torch.allclose(fast, plain_big, atol=1e-5) and fast.shape == (5, 3, 600)
+    assert torch.equal(trained, plain_big) and trained.requires_grad
+    with pytest.raises(RuntimeError), fm.onednn_linear():
+        raise RuntimeError("the block fails")
+    assert torch.nn.functional.linear is torch._C._nn.linear  # restored after an error too
+
+
+def test_onednn_sampler_and_scoring_agree_with_the_trained_logprobs(
+    tiny, onednn_calls, monkeypatch
+):
+    calls = onednn_calls
+    # the tiny model's weights are small: route every layer through oneDNN
+    real = fm.onednn_linear
+    monkeypatch.setattr(fm, "onednn_linear", lambda: real(min_size=0))
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    tt.warm_start(model, tok, 0, steps=20)
+    torch.manual_seed(0)
+    prompts = [fm.format_prompt(tok, tt.question(*tt.PROMPTS[0]))]
+    cfg = tiny_args(["--temperature", "0.7", "--max-new-tokens", "12", "--group-size", "4"])
+    r = fm.sample(model, tok, prompts, cfg, fm.eos_token_ids(model, tok), 4)
+    sampled = len(calls)
+    assert sampled > 0
+    scored = fm.score(model, r, cfg)
+    after_scoring = len(calls)
+    assert after_scoring > sampled
+    # the update's forward, with a graph, keeps the plain kernel
+    logp = fm.sequence_logprobs(model, r.prompts, [0] * 4, r.response_ids, r.mask, 0.7)[0]
+    assert logp.requires_grad and len(calls) == after_scoring
+    m = r.mask.bool()
+    assert torch.allclose(logp[m], r.sample_logp[m], atol=1e-4)
+    assert torch.allclose(logp[m], scored[m], atol=1e-4)
+
+
 def test_top_p_samples_the_renormalised_nucleus():
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])).expand(40000, 5)
