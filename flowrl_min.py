@@ -1069,7 +1069,7 @@ def rng_state() -> dict:
     return state
 
 
-# ----------------------------------------------------------------------------- plumbing: CPU speed
+# ----------------------------------------------------------------------------- plumbing: kernels
 @contextlib.contextmanager
 def onednn_linear(min_size: int = 2**19):
     """Inside this block, forwards without a graph on the CPU run each nn.Linear whose weight has
