@@ -1073,7 +1073,7 @@ def rng_state() -> dict:
 @contextlib.contextmanager
 def onednn_linear(min_size: int = 2**19):
     """Inside this block, forwards without a graph on the CPU run each nn.Linear whose weight has
-    min_size elements or more through oneDNN's matmul instead of MKL's: 1.5-3× faster for the
+    min_size elements or more through oneDNN's matmul instead of MKL's: 1.5-2.5× faster for the
     few-row shapes of decoding, 1.3× for scoring (README: speed); equal up to rounding. The one
     private name in the file, checked with torch 2.13: torch.ops.mkldnn._linear_pointwise takes
     the plain (out, in) weight; where it is missing, nothing changes."""
@@ -1107,7 +1107,6 @@ def release_memory() -> None:
         resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         if resident > 2**30:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-
 
 
 # ----------------------------------------------------------------------------- --check-batch
