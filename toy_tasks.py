@@ -40,6 +40,9 @@ if __name__ == "__main__":
     # torch takes seconds to import: a Ctrl-C meanwhile is one line (then flowrl_min takes over)
     signal.signal(signal.SIGINT, stop_while_importing)
     signal.signal(signal.SIGTERM, stop_while_importing)
+if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+    # held until the imports are done: raised inside torch's C++ import code, it would abort
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
 
 import tokenizers as tk
 import torch
@@ -47,6 +50,9 @@ import transformers
 from datasets import Dataset
 
 import flowrl_min as fm
+
+if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 
 ANSWERS = [str(n) for n in range(10, 100)]  # the whole answer space of the toy tasks
 # (m, r): the correct answers are n with n % m == r: 13, 18, 23, ..., 98 (18 modes)
