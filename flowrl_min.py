@@ -55,9 +55,9 @@ if __name__ == "__main__":
     # torch and transformers take seconds to import: a Ctrl-C meanwhile is one line
     signal.signal(signal.SIGINT, exit_quietly)
     signal.signal(signal.SIGTERM, exit_quietly)
-if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
     # held until the imports are done: raised inside torch's C++ import code, it would abort
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
 
 import datasets
 import torch
@@ -71,6 +71,7 @@ from transformers import PreTrainedModel
 
 if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+
 RewardFn = Callable[[str, str], float]
 # the default --lr with --lora-r (README: how it was chosen)
 LORA_LR = 2e-5

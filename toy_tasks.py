@@ -40,9 +40,9 @@ if __name__ == "__main__":
     # torch takes seconds to import: a Ctrl-C meanwhile is one line (then flowrl_min takes over)
     signal.signal(signal.SIGINT, stop_while_importing)
     signal.signal(signal.SIGTERM, stop_while_importing)
-if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
     # held until the imports are done: raised inside torch's C++ import code, it would abort
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
 
 import tokenizers as tk
 import torch
