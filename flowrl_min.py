@@ -65,7 +65,6 @@ import transformers
 from datasets import Dataset, load_dataset
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -336,32 +335,74 @@ def pack(prompts: list[Tensor], prompt_of: list[int], response_ids: Tensor, leng
             torch.tensor(before, device=device), [span[j] for j in prompt_of])
 
 
+def head_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                  temperature: float) -> tuple[Tensor, Tensor]:
+    """One chunk of rows without a graph: z = (h Wᵀ + b) / T, then log softmax(z)[y] and
+    logsumexp(z), in place in z's one (c, V) buffer. h (c, H), targets (c,) -> (c,), (c,)"""
+    z = linear_no_grad(h, weight, bias)  # (c, V)
+    # at T = 1 the division changes no bit: skip its pass over (c, V)
+    if temperature != 1.0:
+        z.div_(temperature)
+    z_y = z.gather(-1, targets[:, None]).squeeze(-1)
+    top = z.amax(-1)
+    # z becomes exp(z - max)
+    lse = z.sub_(top[:, None]).exp_().sum(-1).log_() + top
+    return z_y - lse, lse
+
+
+class HeadLogProbs(torch.autograd.Function):
+    """token_logprobs under a graph. The forward keeps h and each row's logsumexp, never the
+    logits; the backward recomputes each chunk's logits once and adds the chunk's share of
+    ∂/∂W into one (V, H) buffer, so the LM head's transients are one (chunk, V) buffer."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                temperature: float, chunk: int) -> Tensor:
+        parts = [head_logprobs(h_c, weight, bias, y_c, temperature)
+                 for h_c, y_c in zip(h.split(chunk), targets.split(chunk))]
+        ctx.save_for_backward(h, weight, bias, targets, torch.cat([lse for _, lse in parts]))
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return torch.cat([logp for logp, _ in parts])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        T = ctx.temperature
+        grad_h = torch.empty_like(h)
+        grad_w = None
+        grad_b = None
+        for start in range(0, len(h), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            z = linear_no_grad(h[rows], weight, bias)  # (c, V)
+            if T != 1.0:
+                z.div_(T)
+            # softmax(z) from the forward's logsumexp
+            p = z.sub_(lse[rows, None]).exp_()
+            # ∂ log softmax(z / T)[y] / ∂(h Wᵀ + b) = (onehot(y) − p) / T, times the incoming grad
+            g = (grad[rows] / T)[:, None]  # (c, 1)
+            dz = p.mul_(-g).scatter_add_(-1, targets[rows, None], g)  # (c, V)
+            grad_h[rows] = dz @ weight
+            if ctx.needs_input_grad[1] and grad_w is None:
+                grad_w = dz.t() @ h[rows]
+            elif ctx.needs_input_grad[1]:
+                grad_w.addmm_(dz.t(), h[rows])
+            if ctx.needs_input_grad[2] and grad_b is None:
+                grad_b = dz.sum(0)
+            elif ctx.needs_input_grad[2]:
+                grad_b += dz.sum(0)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
 def token_logprobs(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float,
-                   chunk: int | None = None) -> Tensor:
-    """log softmax(lm_head(h) / T)[target] per row of h, `chunk` rows at a time; with a graph,
-    each chunk's logits are recomputed in the backward pass, so a 150k-token vocabulary never
-    holds (M, V) floats. h (M, H), targets (M,) -> (M,)"""
-    if chunk is None:
-        # a frozen head under a graph (LoRA's update) takes 64 rows: smaller transients at no
-        # measured cost; a trained head adds a (V, H) gradient per chunk (README: memory)
-        chunk = 256
-        if torch.is_grad_enabled() and not lm_head.weight.requires_grad:
-            chunk = 64
-
-    def one_chunk(h_c: Tensor, y_c: Tensor) -> Tensor:
-        logits = lm_head(h_c).float()  # (chunk, V)
-        # at T = 1 the division changes no bit: skip its (chunk, V) copy and its backward
-        if temperature != 1.0:
-            logits = logits / temperature
-        return -F.cross_entropy(logits, y_c, reduction="none")
-
-    out = []
-    for h_c, y_c in zip(h.split(chunk), targets.split(chunk)):
-        if torch.is_grad_enabled():
-            out.append(checkpoint(one_chunk, h_c, y_c, use_reentrant=False))
-        else:
-            out.append(one_chunk(h_c, y_c))
-    return torch.cat(out)
+                   chunk: int = 256) -> Tensor:
+    """log softmax(lm_head(h) / T)[target] per row of h, `chunk` rows at a time, so a 150k-token
+    vocabulary never holds (M, V) floats; with a graph through HeadLogProbs, whose backward
+    recomputes each chunk's logits. h (M, H), targets (M,) -> (M,)"""
+    weight, bias = lm_head.weight, lm_head.bias
+    if torch.is_grad_enabled():
+        return HeadLogProbs.apply(h, weight, bias, targets, temperature, chunk)
+    return torch.cat([head_logprobs(h_c, weight, bias, y_c, temperature)[0]
+                      for h_c, y_c in zip(h.split(chunk), targets.split(chunk))])
 
 
 def sequence_logprobs(model: PreTrainedModel, prompts: list[Tensor], prompt_of: list[int],
@@ -380,8 +421,9 @@ def sequence_logprobs(model: PreTrainedModel, prompts: list[Tensor], prompt_of: 
         out = model.base_model(input_ids=ids[None], position_ids=positions[None],
                                attention_mask=visible[None, None])
         hidden = out.last_hidden_state[0]  # (S, H)
-        flat = token_logprobs(model.get_output_embeddings(), hidden[before], response_ids[mask],
-                              temperature)  # (M,)
+    # the LM head and log-softmax in fp32 (a no-op on the CPU)
+    flat = token_logprobs(model.get_output_embeddings(), hidden[before].float(),
+                          response_ids[mask], temperature)  # (M,)
     logp = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
     # each prompt pooled once
     pooled = {(a, b): hidden[a:b].float().mean(0) for a, b in set(spans)}
@@ -659,7 +701,9 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 t2 = time.perf_counter()
                 # 3. the update; from here a signal waits for the end of the step
                 guard.hold = True
-                stats = update(cfg, model, logz, opt, sched, r, adv, ref_logp, old_logp, step)
+                # the big layers' forwards, and their recomputation in backward, through oneDNN
+                with onednn_linear():
+                    stats = update(cfg, model, logz, opt, sched, r, adv, ref_logp, old_logp, step)
                 t3 = time.perf_counter()
                 lengths = r.mask.sum(-1)
                 m = {"step": step, "reward": rewards.mean().item(),
@@ -1076,27 +1120,62 @@ def rng_state() -> dict:
 
 
 # ----------------------------------------------------------------------------- plumbing: kernels
+def linear_no_grad(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x Wᵀ + b where no gradient flows through it: on the CPU in fp32, oneDNN's matmul instead
+    of MKL's, 1.2-1.5× faster for the layers' and the LM head's shapes, 1.5-2.5× for the few
+    rows of decoding (README: speed), equal up to rounding. The one private name in the file,
+    checked with torch 2.13: torch.ops.mkldnn._linear_pointwise takes the plain (out, in)
+    weight; where it is missing, torch's kernel runs. x (..., in) -> (..., out)"""
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if onednn and x.is_cpu and x.dtype == weight.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    out = x @ weight.t()
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """F.linear under a graph: the forward through linear_no_grad, the backward torch's own
+    matrix products (oneDNN's op has no backward). x (..., in), W (out, in), b (out,)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.bias = bias is not None
+        return linear_no_grad(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+        # (rows, out) and (rows, in) over every leading dimension
+        g, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t() @ x
+        if ctx.bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 @contextlib.contextmanager
 def onednn_linear(min_size: int = 2**19):
-    """Inside this block, forwards without a graph on the CPU run each nn.Linear whose weight has
-    min_size elements or more through oneDNN's matmul instead of MKL's: 1.5-2.5× faster for the
-    few-row shapes of decoding, 1.3× for scoring (README: speed); equal up to rounding. The one
-    private name in the file, checked with torch 2.13: torch.ops.mkldnn._linear_pointwise takes
-    the plain (out, in) weight; where it is missing, nothing changes."""
+    """Inside this block, each nn.Linear whose weight has min_size elements or more runs its
+    forward through oneDNN: linear_no_grad without a graph, OneDNNLinear with one (the update,
+    its recomputed forwards included). Smaller weights keep torch's kernel, as fast there."""
     plain = F.linear
-    kernel = None
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        kernel = torch.ops.mkldnn._linear_pointwise
 
     def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        big = weight.numel() >= min_size and weight.dtype == x.dtype == torch.float32
-        if big and x.is_cpu and not torch.is_grad_enabled():
-            return kernel(x, weight, bias, "none", [], "")
-        return plain(x, weight, bias)
+        if weight.numel() < min_size:
+            return plain(x, weight, bias)
+        if torch.is_grad_enabled():
+            return OneDNNLinear.apply(x, weight, bias)
+        return linear_no_grad(x, weight, bias)
 
-    if kernel is not None:
-        # nn.Linear.forward calls torch.nn.functional.linear: swapped for this block only
-        F.linear = linear
+    # nn.Linear.forward calls torch.nn.functional.linear: swapped for this block only
+    F.linear = linear
     try:
         yield
     finally:

@@ -328,22 +328,26 @@ def onednn_calls(monkeypatch):
     return calls
 
 
-def test_onednn_linear_only_for_big_weights_without_a_graph(onednn_calls):
+def test_onednn_linear_only_for_big_weights_with_torch_gradients(onednn_calls):
     calls = onednn_calls
     torch.manual_seed(0)
     big, small = torch.nn.Linear(1024, 600), torch.nn.Linear(1024, 300)  # 2^19 = 524,288
-    x = torch.randn(5, 3, 1024)
+    x = torch.randn(5, 3, 1024, requires_grad=True)
     plain_big, plain_small = big(x), small(x)
+    g = torch.randn_like(plain_big)
+    expected = torch.autograd.grad((plain_big * g).sum(), [x, big.weight, big.bias])
     with fm.onednn_linear():
         with torch.inference_mode():
             fast = big(x)
             assert calls == [1]
             assert torch.equal(small(x), plain_small)  # a small weight keeps the plain kernel
-        trained = big(x)  # with a graph: the plain kernel, bitwise, and a gradient
-        assert calls == [1]
+        trained = big(x)  # with a graph: oneDNN's forward, torch's backward
+        assert calls == [1, 1] and trained.requires_grad
+    grads = torch.autograd.grad((trained * g).sum(), [x, big.weight, big.bias])
     assert torch.nn.functional.linear is fm.F.linear is torch._C._nn.linear  # restored
     assert torch.allclose(fast, plain_big, atol=1e-5) and fast.shape == (5, 3, 600)
-    assert torch.equal(trained, plain_big) and trained.requires_grad
+    assert torch.allclose(trained, plain_big, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, expected))
     with pytest.raises(RuntimeError), fm.onednn_linear():
         raise RuntimeError("the block fails")
     assert torch.nn.functional.linear is torch._C._nn.linear  # restored after an error too
@@ -367,9 +371,10 @@ def test_onednn_sampler_and_scoring_agree_with_the_trained_logprobs(
     scored = fm.score(model, r, cfg)
     after_scoring = len(calls)
     assert after_scoring > sampled
-    # the update's forward, with a graph, keeps the plain kernel
+    # the update's forward, with a graph: the layers keep the plain kernel; only the LM head's
+    # one chunk of logits, computed without a graph inside HeadLogProbs, runs oneDNN
     logp = fm.sequence_logprobs(model, r.prompts, [0] * 4, r.response_ids, r.mask, 0.7)[0]
-    assert logp.requires_grad and len(calls) == after_scoring
+    assert logp.requires_grad and len(calls) == after_scoring + 1
     m = r.mask.bool()
     assert torch.allclose(logp[m], r.sample_logp[m], atol=1e-4)
     assert torch.allclose(logp[m], scored[m], atol=1e-4)
@@ -421,24 +426,37 @@ def test_no_compute_on_padding_and_chunked_lm_head_changes_nothing(tiny):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_plain, g_chunk))
 
 
-def test_lm_head_chunks_are_small_only_for_a_frozen_head_under_a_graph(tiny):
-    head = copy.deepcopy(tiny[0].get_output_embeddings())
-    h = torch.randn(130, head.in_features, requires_grad=True)
-    y = torch.randint(0, head.out_features, (130,))
+def test_lm_head_in_chunks_trained_frozen_and_with_a_bias(monkeypatch):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=True)
+    h = torch.randn(130, 16, requires_grad=True)
+    y = torch.randint(0, 300, (130,))
+    g = torch.randn(130)
     rows = []
-    head.register_forward_pre_hook(lambda m, a: rows.append(len(a[0])))
+    real = fm.linear_no_grad
+    monkeypatch.setattr(
+        fm, "linear_no_grad", lambda x, w, b=None: rows.append(len(x)) or real(x, w, b)
+    )
     plain = (head(h) / 0.7).log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
-    rows.clear()
-    fm.token_logprobs(head, h, y, 0.7)  # a trained head: 256-row chunks
-    assert rows == [130]
-    head.requires_grad_(False)  # LoRA: a frozen head, a graph through h
-    rows.clear()
-    frozen = fm.token_logprobs(head, h, y, 0.7)
-    assert rows == [64, 64, 2] and torch.allclose(frozen, plain, atol=1e-6)
-    rows.clear()
-    with torch.no_grad():  # scoring: 256-row chunks again
-        fm.token_logprobs(head, h, y, 0.7)
-    assert rows == [130]
+    chunked = fm.token_logprobs(head, h, y, 0.7, chunk=64)
+    # the logits are never whole: (64, V) at a time
+    assert rows == [64, 64, 2] and torch.allclose(chunked, plain, atol=1e-6)
+    expected = torch.autograd.grad((plain * g).sum(), [h, head.weight, head.bias])
+    grads = torch.autograd.grad((chunked * g).sum(), [h, head.weight, head.bias])
+    # the backward recomputes each chunk once; ∂/∂h, ∂/∂W, ∂/∂b as the plain computation's
+    assert rows == [64, 64, 2] * 2
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, expected))
+    # LoRA's frozen head: a gradient for h only, the same one
+    head.requires_grad_(False)
+    frozen = fm.token_logprobs(head, h, y, 0.7, chunk=64)
+    (grad_h,) = torch.autograd.grad((frozen * g).sum(), [h])
+    assert torch.allclose(grad_h, expected[0], atol=1e-6) and head.weight.grad is None
+    # at T = 1, no division: still log softmax(h Wᵀ + b)[y]
+    with torch.no_grad():
+        cold = fm.token_logprobs(head, h, y, 1.0, chunk=64)
+    assert torch.allclose(
+        cold, head(h).log_softmax(-1).gather(-1, y[:, None]).squeeze(-1), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
