@@ -1164,11 +1164,13 @@ class OneDNNLinear(torch.autograd.Function):
 def onednn_linear(min_size: int = 2**19):
     """Inside this block, each nn.Linear whose weight has min_size elements or more runs its
     forward through oneDNN: linear_no_grad without a graph, OneDNNLinear with one (the update,
-    its recomputed forwards included). Smaller weights keep torch's kernel, as fast there."""
+    its recomputed forwards included), on the CPU. Smaller weights keep torch's kernel, as fast
+    there."""
     plain = F.linear
 
     def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if weight.numel() < min_size:
+        # on a GPU, under autocast, the plain kernel and its backward, always
+        if weight.numel() < min_size or not x.is_cpu:
             return plain(x, weight, bias)
         if torch.is_grad_enabled():
             return OneDNNLinear.apply(x, weight, bias)

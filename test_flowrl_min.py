@@ -343,6 +343,10 @@ def test_onednn_linear_only_for_big_weights_with_torch_gradients(onednn_calls):
             assert torch.equal(small(x), plain_small)  # a small weight keeps the plain kernel
         trained = big(x)  # with a graph: oneDNN's forward, torch's backward
         assert calls == [1, 1] and trained.requires_grad
+        # off the CPU (a GPU under autocast; here the meta device): the plain kernel
+        elsewhere = copy.deepcopy(big).to("meta")(x.to("meta"))
+        assert elsewhere.shape == (5, 3, 600) and "OneDNN" not in type(elsewhere.grad_fn).__name__
+        assert calls == [1, 1]
     grads = torch.autograd.grad((trained * g).sum(), [x, big.weight, big.bias])
     assert torch.nn.functional.linear is fm.F.linear is torch._C._nn.linear  # restored
     assert torch.allclose(fast, plain_big, atol=1e-5) and fast.shape == (5, 3, 600)
