@@ -351,9 +351,10 @@ def head_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
 
 
 class HeadLogProbs(torch.autograd.Function):
-    """token_logprobs under a graph. The forward keeps h and each row's logsumexp, never the
-    logits; the backward recomputes each chunk's logits once and adds the chunk's share of
-    ∂/∂W into one (V, H) buffer, so the LM head's transients are one (chunk, V) buffer."""
+    """token_logprobs (without a graph, only the forward runs). The forward keeps h and each
+    row's logsumexp, never the logits; the backward recomputes each chunk's logits once and
+    adds the chunk's share of ∂/∂W into one (V, H) buffer, so the LM head's transients are one
+    (chunk, V) buffer."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
@@ -396,13 +397,9 @@ class HeadLogProbs(torch.autograd.Function):
 def token_logprobs(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float,
                    chunk: int = 256) -> Tensor:
     """log softmax(lm_head(h) / T)[target] per row of h, `chunk` rows at a time, so a 150k-token
-    vocabulary never holds (M, V) floats; with a graph through HeadLogProbs, whose backward
-    recomputes each chunk's logits. h (M, H), targets (M,) -> (M,)"""
-    weight, bias = lm_head.weight, lm_head.bias
-    if torch.is_grad_enabled():
-        return HeadLogProbs.apply(h, weight, bias, targets, temperature, chunk)
-    return torch.cat([head_logprobs(h_c, weight, bias, y_c, temperature)[0]
-                      for h_c, y_c in zip(h.split(chunk), targets.split(chunk))])
+    vocabulary never holds (M, V) floats; with a graph, HeadLogProbs's backward recomputes each
+    chunk's logits. h (M, H), targets (M,) -> (M,)"""
+    return HeadLogProbs.apply(h, lm_head.weight, lm_head.bias, targets, temperature, chunk)
 
 
 def sequence_logprobs(model: PreTrainedModel, prompts: list[Tensor], prompt_of: list[int],
@@ -1129,6 +1126,7 @@ def linear_no_grad(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     if onednn and x.is_cpu and x.dtype == weight.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    # not F.linear: inside onednn_linear, F.linear is this function's caller
     out = x @ weight.t()
     if bias is not None:
         out = out + bias
@@ -1142,7 +1140,6 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.bias = bias is not None
         return linear_no_grad(x, weight, bias)
 
     @staticmethod
@@ -1155,7 +1152,8 @@ class OneDNNLinear(torch.autograd.Function):
         g, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = g.t() @ x
-        if ctx.bias and ctx.needs_input_grad[2]:
+        # False for a bias of None
+        if ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
 
