@@ -335,14 +335,20 @@ def pack(prompts: list[Tensor], prompt_of: list[int], response_ids: Tensor, leng
             torch.tensor(before, device=device), [span[j] for j in prompt_of])
 
 
-def head_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                  temperature: float) -> tuple[Tensor, Tensor]:
-    """One chunk of rows without a graph: z = (h Wᵀ + b) / T, then log softmax(z)[y] and
-    logsumexp(z), in place in z's one (c, V) buffer. h (c, H), targets (c,) -> (c,), (c,)"""
-    z = linear_no_grad(h, weight, bias)  # (c, V)
+def head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """z = (h Wᵀ + b) / T for one chunk of rows, without a graph. h (c, H) -> (c, V)"""
+    z = linear_no_grad(h, weight, bias)
     # at T = 1 the division changes no bit: skip its pass over (c, V)
     if temperature != 1.0:
         z.div_(temperature)
+    return z
+
+
+def head_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                  temperature: float) -> tuple[Tensor, Tensor]:
+    """One chunk of rows: log softmax(z)[y] and logsumexp(z), in place in z's one (c, V)
+    buffer. h (c, H), targets (c,) -> (c,), (c,)"""
+    z = head_logits(h, weight, bias, temperature)  # (c, V)
     z_y = z.gather(-1, targets[:, None]).squeeze(-1)
     top = z.amax(-1)
     # z becomes exp(z - max)
@@ -374,9 +380,7 @@ class HeadLogProbs(torch.autograd.Function):
         grad_b = None
         for start in range(0, len(h), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            z = linear_no_grad(h[rows], weight, bias)  # (c, V)
-            if T != 1.0:
-                z.div_(T)
+            z = head_logits(h[rows], weight, bias, T)  # (c, V)
             # softmax(z) from the forward's logsumexp
             p = z.sub_(lse[rows, None]).exp_()
             # ∂ log softmax(z / T)[y] / ∂(h Wᵀ + b) = (onehot(y) − p) / T, times the incoming grad
