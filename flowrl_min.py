@@ -386,9 +386,9 @@ class HeadLogProbs(torch.autograd.Function):
             # ∂ log softmax(z / T)[y] / ∂(h Wᵀ + b) = (onehot(y) − p) / T, times the incoming grad
             g = (grad[rows] / T)[:, None]  # (c, 1)
             dz = p.mul_(-g).scatter_add_(-1, targets[rows, None], g)  # (c, V)
-            grad_h[rows] = dz @ weight
+            grad_h[rows] = linear_no_grad(dz, weight.t())
             if ctx.needs_input_grad[1] and grad_w is None:
-                grad_w = dz.t() @ h[rows]
+                grad_w = linear_no_grad(dz.t(), h[rows].t())
             elif ctx.needs_input_grad[1]:
                 grad_w.addmm_(dz.t(), h[rows])
             if ctx.needs_input_grad[2] and grad_b is None:
@@ -1123,8 +1123,9 @@ def rng_state() -> dict:
 # ----------------------------------------------------------------------------- plumbing: kernels
 def linear_no_grad(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x Wᵀ + b where no gradient flows through it: on the CPU in fp32, oneDNN's matmul instead
-    of MKL's, 1.2-1.5× faster for the layers' and the LM head's shapes, 1.5-2.5× for the few
-    rows of decoding (README: speed), equal up to rounding. The one private name in the file,
+    of MKL's, 1.2-1.5× faster for the layers' and the LM head's shapes on an Intel CPU, 2-2.4×
+    on an AMD one with AVX-512 (MKL keeps to AVX2 there), 1.5-2.5× for the few rows of decoding
+    (README: speed), equal up to rounding. The one private name in the file,
     checked with torch 2.13: torch.ops.mkldnn._linear_pointwise takes the plain (out, in)
     weight; where it is missing, torch's kernel runs. x (..., in) -> (..., out)"""
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -1138,8 +1139,9 @@ def linear_no_grad(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """F.linear under a graph: the forward through linear_no_grad, the backward torch's own
-    matrix products (oneDNN's op has no backward). x (..., in), W (out, in), b (out,)"""
+    """F.linear under a graph, its three matrix products through linear_no_grad (oneDNN's op has
+    no backward of its own): y = x Wᵀ + b, ∂x = ∂y W, ∂W = ∂yᵀ x, the transposes read in place
+    (strided, not copied). x (..., in), W (out, in), b (out,)"""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -1151,11 +1153,12 @@ class OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight
+            # Wᵀ (in, out) as the weight of a linear from out to in
+            grad_x = linear_no_grad(grad, weight.t())
         # (rows, out) and (rows, in) over every leading dimension
         g, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = g.t() @ x
+            grad_w = linear_no_grad(g.t(), x.t())
         # False for a bias of None
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0)

@@ -328,7 +328,7 @@ def onednn_calls(monkeypatch):
     return calls
 
 
-def test_onednn_linear_only_for_big_weights_with_torch_gradients(onednn_calls):
+def test_onednn_linear_only_for_big_weights_and_through_their_backward(onednn_calls):
     calls = onednn_calls
     torch.manual_seed(0)
     big, small = torch.nn.Linear(1024, 600), torch.nn.Linear(1024, 300)  # 2^19 = 524,288
@@ -341,13 +341,14 @@ def test_onednn_linear_only_for_big_weights_with_torch_gradients(onednn_calls):
             fast = big(x)
             assert calls == [1]
             assert torch.equal(small(x), plain_small)  # a small weight keeps the plain kernel
-        trained = big(x)  # with a graph: oneDNN's forward, torch's backward
+        trained = big(x)  # with a graph: oneDNN's forward and, below, its backward
         assert calls == [1, 1] and trained.requires_grad
         # off the CPU (a GPU under autocast; here the meta device): the plain kernel
         elsewhere = copy.deepcopy(big).to("meta")(x.to("meta"))
         assert elsewhere.shape == (5, 3, 600) and "OneDNN" not in type(elsewhere.grad_fn).__name__
         assert calls == [1, 1]
     grads = torch.autograd.grad((trained * g).sum(), [x, big.weight, big.bias])
+    assert calls == [1] * 4  # ∂x and ∂W: two more products through oneDNN
     assert torch.nn.functional.linear is fm.F.linear is torch._C._nn.linear  # restored
     assert torch.allclose(fast, plain_big, atol=1e-5) and fast.shape == (5, 3, 600)
     assert torch.allclose(trained, plain_big, atol=1e-5)
@@ -436,11 +437,17 @@ def test_lm_head_in_chunks_trained_frozen_and_with_a_bias(monkeypatch):
     h = torch.randn(130, 16, requires_grad=True)
     y = torch.randint(0, 300, (130,))
     g = torch.randn(130)
-    rows = []
+    rows, products = [], []  # rows of each logits chunk; the backward's other products
     real = fm.linear_no_grad
-    monkeypatch.setattr(
-        fm, "linear_no_grad", lambda x, w, b=None: rows.append(len(x)) or real(x, w, b)
-    )
+
+    def logged(x, w, b=None):
+        if w.shape == head.weight.shape:
+            rows.append(len(x))
+        else:
+            products.append((tuple(x.shape), tuple(w.shape)))
+        return real(x, w, b)
+
+    monkeypatch.setattr(fm, "linear_no_grad", logged)
     plain = (head(h) / 0.7).log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
     chunked = fm.token_logprobs(head, h, y, 0.7, chunk=64)
     # the logits are never whole: (64, V) at a time
@@ -449,6 +456,9 @@ def test_lm_head_in_chunks_trained_frozen_and_with_a_bias(monkeypatch):
     grads = torch.autograd.grad((chunked * g).sum(), [h, head.weight, head.bias])
     # the backward recomputes each chunk once; ∂/∂h, ∂/∂W, ∂/∂b as the plain computation's
     assert rows == [64, 64, 2] * 2
+    # ∂/∂h of every chunk, dz W, and the first chunk's ∂/∂W, dzᵀ h (the later ones add into it)
+    assert products == [((64, 300), (16, 300)), ((300, 64), (16, 64)), ((64, 300), (16, 300)),
+                        ((2, 300), (16, 300))]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, expected))
     # LoRA's frozen head: a gradient for h only, the same one
     head.requires_grad_(False)
