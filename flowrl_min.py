@@ -1145,7 +1145,7 @@ class OneDNNLinear(torch.autograd.Function):
     """F.linear under a graph (oneDNN's op has no backward of its own): y = x Wᵀ + b and
     ∂x = ∂y W through linear_no_grad, Wᵀ read in place (strided, not copied); ∂W = ∂yᵀ x through
     torch's product, which reads ∂yᵀ in place where oneDNN would copy it (a full fine-tuning
-    peak 0.6 GiB higher, README: memory). x (..., in), W (out, in), b (out,)"""
+    peak 0.6 GiB higher, README: speed). x (..., in), W (out, in), b (out,)"""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
