@@ -1143,7 +1143,8 @@ class OneDNNLinear(torch.autograd.Function):
     """F.linear under a graph (oneDNN's op has no backward of its own): y = x Wᵀ + b and
     ∂x = ∂y W through linear_no_grad, Wᵀ read in place (strided, not copied); ∂W = ∂yᵀ x through
     torch's product: through oneDNN, each new number of rows left an (out, in) buffer in its
-    caches, 17 MB for an MLP weight (README: memory). x (..., in), W (out, in), b (out,)"""
+    caches, 17 MB for an MLP weight (README: memory bounded over a run).
+    x (..., in), W (out, in), b (out,)"""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -1194,8 +1195,8 @@ def onednn_linear(min_size: int = 2**19):
 def bound_onednn_caches(entries: int = 256) -> None:
     """Keep at most `entries` prepared oneDNN products, one per shape of x and W, in oneDNN's
     cache and in ideep's (torch's layer over it). Both default to 1,024 and an entry holds
-    about 1 MB, so every new micro-batch length added memory that stayed: ~40 MB a step of a
-    run (README: memory). Decoding reuses its 4 weight shapes × ≤ 32 rows, 128 entries, and
+    0.7-1.4 MB for our forwards and ∂x, so each new micro-batch length added memory that stayed
+    (README: memory bounded over a run). Decoding reuses its 4 weight shapes × ≤ 32 rows, and
     rebuilding an entry costs 0.1-0.5 ms. Read when oneDNN first runs; a value already in the
     environment wins."""
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
