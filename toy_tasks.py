@@ -23,26 +23,9 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
 import sys
 import time
-
-
-def stop_while_importing(signum: int, frame) -> None:
-    """Ctrl-C or SIGTERM before flowrl_min is loaded: one line, exit status 128 + signal."""
-    name = signal.Signals(signum).name
-    print(f"\nstopped by {name} before the first step finished: nothing to save", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
-if __name__ == "__main__":
-    # torch takes seconds to import: a Ctrl-C meanwhile is one line (then flowrl_min takes over)
-    signal.signal(signal.SIGINT, stop_while_importing)
-    signal.signal(signal.SIGTERM, stop_while_importing)
-    # held until the imports are done: raised inside torch's C++ import code, it would abort
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
 
 import tokenizers as tk
 import torch
@@ -50,9 +33,6 @@ import transformers
 from datasets import Dataset
 
 import flowrl_min as fm
-
-if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 
 ANSWERS = [str(n) for n in range(10, 100)]  # the whole answer space of the toy tasks
 # (m, r): the correct answers are n with n % m == r: 13, 18, 23, ..., 98 (18 modes)
@@ -405,7 +385,6 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     # default, and moves within a few steps: exact metrics every 5 steps, not 10
     every = 5
     if args.model == "tiny":
-        flags += ["--micro-batch", "64"]
         every = 10
     curves: dict[str, list[list[dict]]] = {a: [] for a in args.algos.split(",")}
     q0, space, correct0 = task_prompts(args.task)[0]
