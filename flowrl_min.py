@@ -5,10 +5,7 @@ GRPO and PPO maximise reward and collapse onto its dominant mode. FlowRL instead
 by minimising, over the G responses y_i sampled for each prompt x (trajectory balance, Eq. 5-6),
     δ_i = log Z_φ(x) + (1/|y_i|) log π_θ(y_i|x) − β·r̂_i − (1/|y_i|) log π_ref(y_i|x)
     L   = mean_i  w_i · δ_i²,       w_i = clip(π_θ(y_i|x) / π_old(y_i|x), 1 − ε, 1 + ε), detached
-where log π(y|x) = Σ_t log π(y_t | x, y_<t), r̂ is the reward normalised within its group of G
-(as in GRPO), β = 15, ε = 0.2, and log Z_φ is a 3-layer MLP on the prompt's hidden states
-(--log-z group: its closed form per group). --algo grpo is the baseline: veRL's GRPO loss, all
-else shared. Samples come from the π_θ being trained, at --temperature (README: variants).
+where log π(y|x) = Σ_t log π(y_t | x, y_<t), r̂ is the group-normalised reward, β = 15, ε = 0.2.
 
     pip install -r requirements.txt
     python flowrl_min.py --model Qwen2.5-0.5B     # a hub id or a local dir, on `arith`
@@ -36,13 +33,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 
-import datasets
 import torch
 import transformers
-from datasets import Dataset, load_dataset
+from datasets import Dataset, disable_progress_bars, load_dataset
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -89,17 +83,14 @@ class Config:
 
 # ----------------------------------------------------------------------------- the objective
 def group_normalize(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
-    """r̂_i = (r_i − mean of its group) / (std of its group + eps), unbiased std; equal rewards
-    give 0. rewards (N,), the G rows of a prompt adjacent -> (N,)"""
+    """r̂_i = (r_i − group mean) / (unbiased group std + eps); G adjacent rows. (N,) -> (N,)"""
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"group_size must be >= 2 and divide {rewards.numel()}, got {group_size}")
     g = rewards.view(-1, group_size).float()  # (N/G, G)
-    centred = g - g.mean(1, keepdim=True)
-    return (centred / (g.std(1, keepdim=True) + eps)).view(-1)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
 
 class LogZ(nn.Module):
-    """log Z_φ(x): a 3-layer MLP on the mean of the policy's last hidden states over the prompt;
-    not detached, so its gradient reaches the LM. (N, H) -> (N,)"""
+    """log Z_φ(x): 3-layer MLP on the prompt's mean last hidden state, not detached. (N, H)->(N,)"""
 
     def __init__(self, hidden: int, dropout: float = 0.1):
         super().__init__()
@@ -112,30 +103,24 @@ class LogZ(nn.Module):
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of x where mask is 1 (over dim, or all); masked-out values, even inf, never leak."""
-    x = torch.where(mask.bool(), x, 0.0)
-    if dim is None:
-        return x.sum() / mask.sum().clamp(min=1)
-    return x.sum(dim) / mask.sum(dim).clamp(min=1)
+    return torch.where(mask.bool(), x, 0.0).sum(dim) / mask.sum(dim).clamp(min=1)
 
 def sequence_logp(logp: Tensor, mask: Tensor, length_norm: bool) -> Tensor:
     """(1/|y|) Σ_t log π(y_t|x, y_<t) per response, or the sum without 1/|y|. (N, T) -> (N,)"""
-    if length_norm:
-        return masked_mean(logp, mask, -1)
-    return torch.where(mask.bool(), logp, 0.0).sum(-1)
+    total = torch.where(mask.bool(), logp, 0.0).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if length_norm else total
 
 def importance_weight(logp: Tensor, old_logp: Tensor, mask: Tensor, clip_low: float = 0.8,
                       clip_high: float = 1.2) -> Tensor:
     """w_i = clip(π_θ(y_i|x) / π_old(y_i|x)), the sequence's ratio, detached. (N, T) -> (N,)"""
-    log_w = torch.where(mask.bool(), logp - old_logp, 0.0).sum(-1).detach()
-    return log_w.exp().clamp(clip_low, clip_high)
+    return sequence_logp(logp - old_logp, mask, False).detach().exp().clamp(clip_low, clip_high)
 
 def group_log_z(logp: Tensor, ref_logp: Tensor, mask: Tensor, adv: Tensor, group_size: int,
                 beta: float = 15.0, length_norm: bool = True, w: Tensor | None = None) -> Tensor:
-    """log Z(x) in closed form (--log-z group). Write δ_i = c + a_i, a_i = (1/|y_i|) log π_θ(y_i)
-    − β·r̂_i − (1/|y_i|) log π_ref(y_i). Over a prompt's G responses Σ_i w_i·(c + a_i)² is least
-    where 2·Σ_i w_i·(c + a_i) = 0: c* = −Σ_i w_i·a_i / Σ_i w_i. Without gradient, the loss is then
-    the w-weighted variance of the group's a_i (VarGrad). The trainer passes the sampler's own
-    log-probs (π_old, on-policy w = 1): no extra forward. (N, T), adv and w (N,) -> (N,)"""
+    """--log-z group, log Z(x) in closed form. δ_i = c + a_i with a_i = (1/|y_i|) log π_θ(y_i) −
+    β·r̂_i − (1/|y_i|) log π_ref(y_i); over a prompt's G responses Σ_i w_i·(c + a_i)² is least
+    where its derivative 2·Σ_i w_i·(c + a_i) is 0: c* = −Σ_i w_i·a_i / Σ_i w_i. Without gradient
+    the loss is then the w-weighted variance of the a_i (VarGrad). (N, T); adv, w (N,) -> (N,)"""
     a = sequence_logp(logp, mask, length_norm) - beta * adv
     a = (a - sequence_logp(ref_logp, mask, length_norm)).detach().view(-1, group_size)
     w = torch.ones_like(a) if w is None else w.view(-1, group_size)  # (N/G, G)
@@ -144,11 +129,9 @@ def group_log_z(logp: Tensor, ref_logp: Tensor, mask: Tensor, adv: Tensor, group
 def flowrl_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, log_z: Tensor,
                 adv: Tensor, beta: float = 15.0, clip_low: float = 0.8, clip_high: float = 1.2,
                 length_norm: bool = True) -> tuple[Tensor, dict[str, float]]:
-    """L_FlowRL = mean_i w_i · δ_i². logp, old_logp, ref_logp: log π_θ, π_old, π_ref per token
-    (N, T); mask: 1.0 on response tokens (N, T); log_z: log Z(x_i) (N,); adv: r̂_i (N,)."""
-    logp_seq = sequence_logp(logp, mask, length_norm)  # (N,)
-    ref_seq = sequence_logp(ref_logp, mask, length_norm)  # (N,)
-    delta = log_z + logp_seq - beta * adv - ref_seq  # δ_i (N,)
+    """L_FlowRL = mean_i w_i·δ_i²: log π_θ, π_old, π_ref and mask (N, T); log Z(x_i), r̂_i (N,)."""
+    delta = (log_z + sequence_logp(logp, mask, length_norm) - beta * adv
+             - sequence_logp(ref_logp, mask, length_norm))  # δ_i (N,)
     w = importance_weight(logp, old_logp, mask, clip_low, clip_high)  # (N,)
     loss = (w * delta.pow(2)).mean()
     return loss, {"loss": loss.item(), "log_z": log_z.mean().item(), "w": w.mean().item(),
@@ -157,19 +140,13 @@ def flowrl_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, adv: Tensor,
               clip_eps: float = 0.2, kl_coef: float = 0.001,
               clip_c: float = 3.0) -> tuple[Tensor, dict[str, float]]:
-    """GRPO as veRL has it: the clipped surrogate with Â_i = r̂_i on every token, dual-clipped at
-    −c·Â for Â < 0, plus kl_coef · k3 KL to π_ref clamped to [−10, 10] (which acts where
-    π_ref/π_θ > 13.5), averaged over all response tokens. Shapes as in flowrl_loss."""
-    log_ratio = torch.where(mask.bool(), logp - old_logp, 0.0).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)  # ρ (N, T)
+    """veRL's GRPO: dual-clipped surrogate, Â = r̂ per token, + kl_coef·k3 KL to π_ref. (N, T)"""
+    ratio = torch.where(mask.bool(), logp - old_logp, 0.0).clamp(-20.0, 20.0).exp()  # ρ (N, T)
     a = adv.unsqueeze(-1)  # (N, 1)
     clipped = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    # dual clip: for a negative advantage the loss of a token is at most −c·Â
-    dual = torch.minimum(clipped, -a * clip_c)
-    surrogate = torch.where(a < 0, dual, clipped)
+    surrogate = torch.where(a < 0, torch.minimum(clipped, -a * clip_c), clipped)  # dual clip
     log_r = torch.where(mask.bool(), ref_logp - logp, 0.0).clamp(-20.0, 20.0)
-    # k3 estimator of KL(π_θ ‖ π_ref) per token
-    kl = (torch.exp(log_r) - log_r - 1).clamp(-10.0, 10.0)
+    kl = (torch.exp(log_r) - log_r - 1).clamp(-10.0, 10.0)  # k3 estimate of KL(π_θ ‖ π_ref)
     loss = masked_mean(surrogate + kl_coef * kl, mask)
     clipfrac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item()
     return loss, {"loss": loss.item(), "kl": masked_mean(kl, mask).item(), "clipfrac": clipfrac}
@@ -189,7 +166,7 @@ class Rollouts:
     mask: Tensor  # (N, T) float: 1 on each generated token up to and with the first EOS
     completions: list[str]  # N decoded responses
     truncated: Tensor  # (N,) bool: no EOS within max_new_tokens
-    sample_logp: Tensor  # (N, T): log π_θ(y_t) as the sampler computed it
+    sample_logp: Tensor  # (N, T): the sampler's log π_θ(y_t), π_old for --log-z group (w = 1)
 
 def response_mask(response_ids: Tensor, eos_ids: list[int]) -> Tensor:
     """1 on each generated token up to and including the first EOS, then 0. (N, T) -> (N, T)"""
@@ -209,103 +186,80 @@ def autocast(device: torch.device):
 
 def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
            eos_ids: list[int], n: int, generator: torch.Generator | None = None) -> Rollouts:
-    """n responses per prompt, KV-cached: a prompt is prefilled once, its cache copied n times;
-    a row that emits EOS leaves the batch."""
-    device = model.device
+    """n responses per prompt, KV-cached: each prompt prefilled once, a row leaves at its EOS."""
+    device, N, T = model.device, len(prompts) * n, cfg.max_new_tokens
     enc = tokenizer(prompts, return_tensors="pt", padding=True,
                     add_special_tokens=not tokenizer.chat_template)
     ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # left-padded
-    N, T = len(prompts) * n, cfg.max_new_tokens
-    eos = torch.tensor(eos_ids, device=device)
-    resp = torch.full((N, T), tokenizer.pad_token_id, device=device)
-    logp = torch.zeros(N, T, device=device)
-    rows = torch.arange(N, device=device)  # the rows still running
+    prompt_ids = [p[m.bool()] for p, m in zip(ids, attn)]
+    resp, logp = ids.new_full((N, T), tokenizer.pad_token_id), torch.zeros(N, T, device=device)
+    eos, rows = torch.tensor(eos_ids, device=device), torch.arange(N, device=device)  # live rows
     model.eval()
     with torch.inference_mode(), autocast(device):
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=attn, use_cache=True, logits_to_keep=1,
+                    position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
         cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
+        cache.batch_repeat_interleave(n)  # a copy per response
         logits, attn = out.logits[:, -1].repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         for t in range(T):
             resp[rows, t], logp[rows, t] = next_token(logits, cfg.temperature, generator)
             running = ~torch.isin(resp[rows, t], eos)
             if t == T - 1 or not running.any():
                 break
-            if not running.all():
-                # finished rows leave the batch and the cache
+            if not running.all():  # finished rows leave the batch and the cache
                 rows, attn = rows[running], attn[running]
                 cache.batch_select_indices(running.nonzero().squeeze(-1))
             attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)
             out = model(input_ids=resp[rows, t, None], attention_mask=attn, past_key_values=cache,
                         position_ids=attn.sum(-1, keepdim=True) - 1, use_cache=True)
             logits = out.logits[:, -1]
-    # clones made outside inference mode can enter autograd
-    resp, logp = resp.clone(), logp.clone()
-    mask, is_eos = response_mask(resp, eos_ids), torch.isin(resp, eos)
+    resp, logp = resp.clone(), logp.clone()  # inference tensors cannot enter autograd; clones can
+    mask, is_eos = response_mask(resp, eos_ids).bool(), torch.isin(resp, eos)
     # decode exactly what came before EOS: a stray special token must not vanish from the text
-    kept = mask.bool() & ~is_eos
-    completions = tokenizer.batch_decode([row[k].tolist() for row, k in zip(resp, kept)])
-    prompt_ids = [p[m.bool()].to(device) for p, m in zip(enc["input_ids"], enc["attention_mask"])]
+    completions = tokenizer.batch_decode([y[k].tolist() for y, k in zip(resp, mask & ~is_eos)])
     return Rollouts(prompt_ids, resp, mask.float(), completions, ~is_eos.any(-1), logp)
 
 # ----------------------------------------------------------------------------- log-probs
 def pack(prompts: list[Tensor], prompt_of: list[int], response_ids: Tensor, lengths: list[int]):
-    """n responses as one sequence, no padding: each prompt once, then each response but its last
-    token. Returns ids and positions (S,), the mask (S, S), the position predicting each response
-    token (M,), each response's prompt span. prompt_of[i]: response i's prompt; lengths: |y_i|"""
-    ids, positions, part, home, before = [], [], [], [], []
-    span: dict[int, tuple[int, int]] = {}
+    """Prompts once, each y_i but its last token: ids, positions (S,), mask (S, S), before, spans"""
+    ids, positions, part, home, before, span = [], [], [], [], [], {}
     for y, L, j in zip(response_ids, lengths, prompt_of):
         P = len(prompts[j])
         if j not in span:
             span[j] = (len(part), len(part) + P)
             ids.append(prompts[j])
             positions += range(P)
-            part += [span[j][0]] * P
-            home += [span[j][0]] * P
-        start = len(part)
-        # y_1 is predicted from the last prompt token, y_t from y_(t-1) at its packed position
-        before += [span[j][1] - 1] + list(range(start, start + L - 1))
+            part += [len(part)] * P  # each token holds the start of its part
+        before += [span[j][1] - 1] + list(range(len(part), len(part) + L - 1))  # predict y_t
         ids.append(y[:L - 1])
         positions += range(P, P + L - 1)
-        part += [start] * (L - 1)
-        home += [span[j][0]] * (L - 1)
-    device = response_ids.device
-    part, home = torch.tensor(part, device=device), torch.tensor(home, device=device)
-    # a token sees the earlier tokens of its own part and of its prompt
-    visible = ((part[None, :] == part[:, None]) | (part[None, :] == home[:, None])).tril()
-    return (torch.cat(ids), torch.tensor(positions, device=device), visible,
-            torch.tensor(before, device=device), [span[j] for j in prompt_of])
+        part += [len(part)] * (L - 1)
+        home += [span[j][0]] * (len(part) - len(home))  # the prompt each new token sees
+    part, home, positions, before = (torch.tensor(v, device=response_ids.device)
+                                     for v in (part, home, positions, before))
+    visible = ((part == part[:, None]) | (part == home[:, None])).tril()  # own part, own prompt
+    return torch.cat(ids), positions, visible, before, [span[j] for j in prompt_of]
 
 def token_logprobs(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float,
                    chunk: int = 256) -> Tensor:
-    """log softmax(lm_head(h) / T)[target] in fp32, checkpointed per chunk of rows: no (M, V) logits
-    are ever held, nor kept for backward. h (M, H), targets (M,) -> (M,)"""
-
-    def chunk_logprobs(h_c: Tensor, y_c: Tensor) -> Tensor:
-        return -F.cross_entropy(lm_head(h_c).float() / temperature, y_c, reduction="none")
-
-    return torch.cat([checkpoint(chunk_logprobs, h_c, y_c, use_reentrant=False)
-                      for h_c, y_c in zip(h.split(chunk), targets.split(chunk))])
+    """log softmax(lm_head(h) / T)[targets] in fp32, checkpointed per chunk. (M, H), (M,) -> (M,)"""
+    def logprobs(hc: Tensor, yc: Tensor) -> Tensor:
+        return -nn.functional.cross_entropy(lm_head(hc).float() / temperature, yc, reduction="none")
+    return torch.cat([torch.utils.checkpoint.checkpoint(logprobs, hc, yc, use_reentrant=False)
+                      for hc, yc in zip(h.split(chunk), targets.split(chunk))])
 
 def sequence_logprobs(model: PreTrainedModel, prompts: list[Tensor], prompt_of: list[int],
                       response_ids: Tensor, response_mask: Tensor,
                       temperature: float) -> tuple[Tensor, Tensor]:
-    """log π(y_t | x, y_<t) (n, T) at logits / T, 0 off the mask, in one packed forward, and log Z's
-    input (n, H): the mean last hidden state over the prompt. response_ids, response_mask (n, T)"""
+    """log π(y_t|x, y_<t) (n, T) at logits / T in one packed forward; log Z's input (n, H)."""
     mask = response_mask.bool()
-    ids, positions, visible, before, spans = pack(prompts, prompt_of, response_ids,
-                                                  mask.sum(-1).tolist())
+    ids, pos, visible, before, spans = pack(prompts, prompt_of, response_ids, mask.sum(-1).tolist())
     with autocast(ids.device):
-        out = model.base_model(input_ids=ids[None], position_ids=positions[None],
-                               attention_mask=visible[None, None])
-    hidden = out.last_hidden_state[0].float()  # (S, H)
-    head = model.get_output_embeddings()
-    flat = token_logprobs(head, hidden[before], response_ids[mask], temperature)  # (M,)
+        h = model.base_model(input_ids=ids[None], position_ids=pos[None],
+                             attention_mask=visible[None, None]).last_hidden_state[0].float()
+    flat = token_logprobs(model.get_output_embeddings(), h[before], response_ids[mask], temperature)
     logp = torch.zeros(mask.shape, device=flat.device).masked_scatter(mask, flat)
-    return logp, torch.stack([hidden[a:b].mean(0) for a, b in spans])
+    return logp, torch.stack([h[a:b].mean(0) for a, b in spans])
 
 def micro_batches(rows: Tensor, r: Rollouts, cfg: Config) -> list[Tensor]:
     """The rows, in order, cut into forwards of at most --micro-tokens (each with its prompt)."""
@@ -322,11 +276,9 @@ def micro_batches(rows: Tensor, r: Rollouts, cfg: Config) -> list[Tensor]:
 def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> Tensor:
     """Per-token log-probs (N, T) of the rollouts under a model, without a graph."""
     model.eval()
-    out = torch.zeros_like(r.mask)
-    for rows in micro_batches(torch.arange(len(r.mask)), r, cfg):
-        out[rows] = sequence_logprobs(model, r.prompts, (rows // cfg.group_size).tolist(),
-                                      r.response_ids[rows], r.mask[rows], cfg.temperature)[0]
-    return out
+    return torch.cat([sequence_logprobs(model, r.prompts, (rows // cfg.group_size).tolist(),
+                                        r.response_ids[rows], r.mask[rows], cfg.temperature)[0]
+                      for rows in micro_batches(torch.arange(len(r.mask)), r, cfg)])
 
 def reference_logprobs(model: PreTrainedModel, ref: PreTrainedModel | None, r: Rollouts,
                        cfg: Config) -> Tensor:
@@ -342,8 +294,7 @@ def reference_logprobs(model: PreTrainedModel, ref: PreTrainedModel | None, r: R
 # ----------------------------------------------------------------------------- task and reward
 MATH_INSTRUCTION = "\nPut the final answer in \\boxed{}."
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
-# the content of \boxed{...}, one level of nested braces allowed, as in \boxed{\frac{3}{4}}
-BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")  # one level of nested {} allowed
 
 def format_prompt(tokenizer, question: str) -> str:
     """The chat template when the tokenizer has one, else a plain 'Question/Answer' format."""
@@ -354,8 +305,7 @@ def format_prompt(tokenizer, question: str) -> str:
 
 def arith_dataset(n: int, seed: int) -> Dataset:
     """Procedural arithmetic with exact integer answers: 'What is 17 - 9?' -> '8'."""
-    rng = random.Random(seed)
-    qs, ans = [], []
+    rng, qs, ans = random.Random(seed), [], []
     for _ in range(n):
         op = rng.choice("+-*")
         lo, hi = (2, 12) if op == "*" else (1, 30)
@@ -366,10 +316,8 @@ def arith_dataset(n: int, seed: int) -> Dataset:
 
 def load_data(cfg: Config) -> tuple[Dataset, Dataset, RewardFn]:
     """Train and held-out prompts (columns question, answer) and the reward function."""
-    if cfg.dataset == "arith":
-        train, test = arith_dataset(5000, cfg.seed), arith_dataset(500, cfg.seed + 1)
-    else:
-        train, test = load_file_dataset(cfg.dataset, cfg.seed)
+    train, test = (load_file_dataset(cfg.dataset, cfg.seed) if cfg.dataset != "arith"
+                   else (arith_dataset(5000, cfg.seed), arith_dataset(500, cfg.seed + 1)))
     instruct = lambda r: {"question": r["question"] + MATH_INSTRUCTION}
     return train.map(instruct), test.map(instruct), math_reward
 
@@ -381,8 +329,7 @@ def parse_number(s: str) -> Fraction | None:
 
 def extract_answer(text: str) -> Fraction | None:
     """The final answer: the last \\boxed{}, else the number after '####', else the last one."""
-    boxed = BOXED.findall(text)
-    if boxed:
+    if boxed := BOXED.findall(text):
         return parse_number(boxed[-1])
     if "####" in text:
         return parse_number(text.split("####")[-1].strip().split("\n")[0])
@@ -402,8 +349,7 @@ def score_completions(reward_fn: RewardFn, completions: list[str], answers: list
             if not math.isfinite(r):
                 raise ValueError(f"non-finite reward {r}")
         except Exception as e:  # noqa: BLE001 -- user code: any failure scores 0, with a warning
-            warnings.warn(f"the reward function failed, scoring 0: {type(e).__name__}: {e}",
-                          stacklevel=2)
+            warnings.warn(f"reward_fn failed, scoring 0: {type(e).__name__}: {e}", stacklevel=2)
             r = 0.0
         rewards.append(r)
     return torch.tensor(rewards)
@@ -418,53 +364,41 @@ def rollout(model: PreTrainedModel, tokenizer, rows: Dataset, reward_fn: RewardF
     return r, score_completions(reward_fn, r.completions, answers)
 
 def make_optimizer(cfg: Config, model: PreTrainedModel, logz: LogZ | None):
-    """AdamW as in the paper (weight decay 0.1 on matrices, 10 warm-up steps); log Z_φ joins it
-    at its own lr."""
-    # with LoRA: the adapters only
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    """AdamW as in the paper (weight decay 0.1 on matrices, 10 warm-up steps), log Z_φ at its lr."""
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "lr": cfg.lr},
               {"params": [p for p in trainable if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0}]
-    if logz is not None:
-        groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr})
+    groups += [{"params": list(logz.parameters()), "lr": cfg.logz_lr}] if logz is not None else []
     opt = torch.optim.AdamW(groups, weight_decay=0.1)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
 
 def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r: Rollouts,
            adv: Tensor, ref_logp: Tensor, old_logp: Tensor | None) -> dict[str, float]:
     """--mini-batches optimiser steps on a rollout batch; old_logp None: π_old = π_θ detached."""
-    mask, n, stats = r.mask, cfg.mini_batches, {}
+    mask, n, G, stats = r.mask, cfg.mini_batches, cfg.group_size, {}
     params = [p for g in opt.param_groups for p in g["params"]]
-    # --log-z group: from the sampler's log-probs (π_old, on-policy w = 1)
-    group_z = group_log_z(r.sample_logp, ref_logp, mask, adv, cfg.group_size, cfg.beta,
-                          cfg.length_norm)
+    group_z = group_log_z(r.sample_logp, ref_logp, mask, adv, G, cfg.beta, cfg.length_norm)
     model.train()
-    perm = torch.randperm(len(adv)) if n > 1 else torch.arange(len(adv))
-    for mb in perm.chunk(n):
+    for mb in (torch.randperm(len(adv)) if n > 1 else torch.arange(len(adv))).chunk(n):
         for mi in micro_batches(mb, r, cfg):
-            prompt_of = (mi // cfg.group_size).tolist()
-            logp, prompt_repr = sequence_logprobs(model, r.prompts, prompt_of, r.response_ids[mi],
-                                                  mask[mi], cfg.temperature)
-            old = logp.detach() if old_logp is None else old_logp[mi]
+            logp, prompt_repr = sequence_logprobs(model, r.prompts, (mi // G).tolist(),
+                                                  r.response_ids[mi], mask[mi], cfg.temperature)
+            old, ref = (logp.detach() if old_logp is None else old_logp[mi]), ref_logp[mi]
             if cfg.algo == "grpo":
-                loss, st = grpo_loss(logp, old, ref_logp[mi], mask[mi], adv[mi],
-                                     kl_coef=cfg.kl_coef)
-                # token-mean over the mini-batch
-                frac = (mask[mi].sum() / mask[mb].sum()).item()
+                loss, st = grpo_loss(logp, old, ref, mask[mi], adv[mi], kl_coef=cfg.kl_coef)
+                frac = (mask[mi].sum() / mask[mb].sum()).item()  # token-mean over the mini-batch
             else:
-                log_z = group_z[mi]
+                log_z = group_z[mi]  # log Z(x) (n,): equal for the responses of one prompt
                 if logz is not None:
-                    # log Z_φ(x) (n,): equal for the responses of one prompt
                     log_z = logz(prompt_repr)
-                loss, st = flowrl_loss(logp, old, ref_logp[mi], mask[mi], log_z, adv[mi],
-                                       cfg.beta, cfg.clip_low, cfg.clip_high, cfg.length_norm)
-                # sequence-mean over the mini-batch
-                frac = len(mi) / len(mb)
+                loss, st = flowrl_loss(logp, old, ref, mask[mi], log_z, adv[mi], cfg.beta,
+                                       cfg.clip_low, cfg.clip_high, cfg.length_norm)
+                frac = len(mi) / len(mb)  # sequence-mean over the mini-batch
             (loss * frac).backward()
-            for k, v in (st | logprob_stats(logp, old, ref_logp[mi], mask[mi])).items():
+            for k, v in (st | logprob_stats(logp, old, ref, mask[mi])).items():
                 stats[k] = stats.get(k, 0.0) + v * frac / n
         grad_norm = float(nn.utils.clip_grad_norm_(params, 1.0))
-        # stop before a non-finite loss or gradient corrupts the weights
-        if not math.isfinite(grad_norm):
+        if not math.isfinite(grad_norm):  # stop before it corrupts the weights
             die(f"the gradient norm is {grad_norm}; lower --lr or --beta")
         stats["grad_norm"] = stats.get("grad_norm", 0.0) + grad_norm / n
         opt.step()
@@ -475,43 +409,31 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
 def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eval_ds: Dataset,
           reward_fn: RewardFn, on_step: Callable[[int, PreTrainedModel], dict] | None = None,
           ref: PreTrainedModel | None = None, state: dict | None = None) -> list[dict]:
-    """Sample G responses per prompt, reward them, score π_ref, update π_θ and log Z_φ. ref: π_ref
-    (default: a frozen copy); on_step(step, model) may add metrics; state: a run to continue.
-    SIGINT/SIGTERM finishes the step, saves and exits 128 + signal; a second one exits at once."""
+    """The loop; SIGINT/SIGTERM: finish the step, save, exit 128 + signal (twice: exit at once)."""
     device, G = model.device, cfg.group_size
-    # with LoRA π_ref needs no copy: it is the policy with its adapters off
-    if ref is None and not cfg.lora_r:
-        ref = copy.deepcopy(model)
-    if ref is not None:
-        ref.eval().requires_grad_(False)
-    logz = None
-    if cfg.algo == "flowrl" and cfg.log_z == "mlp":
-        # log Z_φ from its own seed: GRPO and FlowRL then draw the same first rollouts
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            logz = LogZ(model.config.hidden_size).to(device)
+    ref = copy.deepcopy(model) if ref is None and not cfg.lora_r else ref  # LoRA: adapters off
+    ref = None if ref is None else ref.eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # own seed: GRPO and FlowRL sample alike
+        torch.manual_seed(cfg.seed)
+        mlp = cfg.algo == "flowrl" and cfg.log_z == "mlp"
+        logz = LogZ(model.config.hidden_size).to(device) if mlp else None
     opt, sched = make_optimizer(cfg, model, logz)
-    if cfg.grad_ckpt:
-        # layers recompute their activations in the backward pass (training mode only)
+    if cfg.grad_ckpt:  # layers recompute their activations in the backward pass
         model.activation_checkpointing_enable({"use_reentrant": False})
     eos_ids = eos_token_ids(model, tokenizer)
     order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed))
     parts, done, history = {"optimizer": opt, "scheduler": sched, "logz": logz}, 0, []
     if state is not None:
-        # continue: optimiser, scheduler, log Z_φ, random state, the metrics up to that step
-        for name, part in parts.items():
-            if part is not None:
-                part.load_state_dict(state[name])
+        for name in parts.keys() & state.keys():  # log Z_φ only where the run has one
+            parts[name].load_state_dict(state[name])
         torch.set_rng_state(state["rng"][0])
         torch.cuda.set_rng_state_all(state["rng"][1])
         done = state["step"]
         with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
             history = [m for m in map(json.loads, f) if m["step"] <= done]
-    elif cfg.eval_every:
-        # held-out numbers before any update, logged as step 0
+    elif cfg.eval_every:  # held-out numbers before any update, logged as step 0
         history.append({"step": 0, **evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids)})
     stop: list[int] = []
-
     def on_signal(signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if stop:
@@ -519,37 +441,30 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
             raise SystemExit(128 + signum)
         stop.append(signum)
         tqdm.write(f"{name}: finishing this step, then saving (again: stop at once)", sys.stderr)
-
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in tqdm(range(done + 1, cfg.steps + 1), desc=cfg.algo, disable=None):
             t0 = time.perf_counter()
-            # 1. G responses for each prompt of the batch, their rewards, r̂ per group
-            picks = [(step - 1) * cfg.prompts + j for j in range(cfg.prompts)]
+            picks = range((step - 1) * cfg.prompts, step * cfg.prompts)
             rows = train_ds.select([int(order[i % len(order)]) for i in picks])
             r, rewards = rollout(model, tokenizer, rows, reward_fn, cfg, eos_ids, G)
             adv = group_normalize(rewards, G).to(device)  # r̂ (N,)
             t1 = time.perf_counter()
-            # 2. π_ref once per rollout batch; π_old only where it differs from π_θ
             ref_logp = reference_logprobs(model, ref, r, cfg)
             old_logp = score(model, r, cfg) if cfg.mini_batches > 1 else None
             t2 = time.perf_counter()
-            # 3. the update
             stats = update(cfg, model, logz, opt, sched, r, adv, ref_logp, old_logp)
-            lengths = r.mask.sum(-1)
+            lens = r.mask.sum(-1)
             m = {"step": step, "reward": rewards.mean().item(),
                  "accuracy": (rewards >= 1.0).float().mean().item(), **stats,
-                 "response_len": lengths.mean().item(),
-                 "truncated": r.truncated.float().mean().item(),
-                 "distinct": distinct_answers(r.completions, G), "gen_tokens": int(lengths.sum()),
+                 "response_len": lens.mean().item(), "truncated": r.truncated.float().mean().item(),
+                 "distinct": distinct_answers(r.completions, G), "gen_tokens": int(lens.sum()),
                  "gen_s": t1 - t0, "ref_s": t2 - t1, "update_s": time.perf_counter() - t2}
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 m |= evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids)
-            if on_step is not None:
-                m |= on_step(step, model)
+            m |= on_step(step, model) if on_step else {}
             history.append(m)
-            # --out is made once a step is done: a run stopped before leaves nothing
-            os.makedirs(cfg.out, exist_ok=True)
+            os.makedirs(cfg.out, exist_ok=True)  # only once a step is done
             with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
             if stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
@@ -575,29 +490,24 @@ def distinct_answers(completions: list[str], group_size: int) -> float:
 
 def evaluate(model: PreTrainedModel, tokenizer, eval_ds: Dataset, reward_fn: RewardFn,
              cfg: Config, eos_ids: list[int]) -> dict[str, float]:
-    """Accuracy, pass@k, distinct answers of k samples per held-out prompt, drawn with their own
-    generator seeded from --seed: evaluation never moves the training stream."""
+    """Accuracy, pass@k, distinct answers of k samples per held-out prompt; own seeded generator."""
     rows, k = eval_ds.select(range(min(cfg.eval_prompts, len(eval_ds)))), cfg.eval_k
     generator = torch.Generator(model.device).manual_seed(cfg.seed)
     r, rewards = rollout(model, tokenizer, rows, reward_fn, cfg, eos_ids, k, generator)
     correct = (rewards.view(-1, k) >= 1.0).sum(1).tolist()  # per prompt
-    out = {"eval_acc": (rewards >= 1.0).float().mean().item(),
-           "eval_distinct": distinct_answers(r.completions, k)}
-    for j in [2 ** i for i in range(k.bit_length())]:
-        out[f"eval_pass@{j}"] = statistics.mean(pass_at_k(k, c, j) for c in correct)
-    return out
+    return {"eval_acc": (rewards >= 1.0).float().mean().item(),
+            "eval_distinct": distinct_answers(r.completions, k),
+            **{f"eval_pass@{j}": statistics.mean(pass_at_k(k, c, j) for c in correct)
+               for j in [2 ** i for i in range(k.bit_length())]}}
 
 def summarize(history: list[dict], device: torch.device) -> str:
     """Rewards, last evaluation, median step by phase (from step 2), tokens/s, peak memory."""
     steps = [h for h in history if "reward" in h]
-    # step 1 pays one-off warm-up costs
-    timed = steps[1:] or steps
+    timed = steps[1:] or steps  # step 1 pays one-off warm-up costs
     med = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "ref_s", "update_s")}
     tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
-    # ru_maxrss is in KiB on Linux
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB on Linux
     evals = "  ".join(f"{k[5:]} {v:.3f}" for k, v in history[-1].items() if k[:5] == "eval_")
     return (f"reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f} (steps "
             f"{steps[0]['step']}-{steps[-1]['step']}); held-out at step {history[-1]['step']}: "
@@ -607,27 +517,22 @@ def summarize(history: list[dict], device: torch.device) -> str:
 # ----------------------------------------------------------------------------- flags and main
 def main(argv: list[str] | None = None, defaults: dict | None = None,
          load: Callable[[Config], tuple] | None = None) -> list[dict]:
-    """Flags, model, data, train, summary; returns the metrics. load(cfg) -> (model, tokenizer,
-    train set, held-out set, reward function) replaces load_model and load_data (toy_tasks.py)."""
+    """Flags, model, data, train, summary -> metrics; load(cfg) replaces load_model, load_data."""
     cfg = parse_args(argv, defaults)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    disable_progress_bars()
     if cfg.check_batch:
         return [check_batch(cfg)]
     torch.manual_seed(cfg.seed)
-    if load is None:
-        # the data first: a bad file fails before a model loads
+    if load is None:  # the data first: a bad file fails before a model loads
         data = load_data(cfg)
-        model, tokenizer = load_model(cfg.model)
-    else:
-        model, tokenizer, *data = load(cfg)
+        load = lambda c: (*load_model(c.model), *data)
+    model, tokenizer, *data = load(cfg)
     model.to(pick_device(cfg.device))
-    ref, state = None, None
-    if cfg.resume:
-        model, ref, state = load_checkpoint(cfg, model)
-    elif cfg.lora_r:
+    if cfg.lora_r and not cfg.resume:
         add_lora(model, cfg.lora_r, cfg.lora_alpha)
+    model, ref, state = load_checkpoint(cfg, model) if cfg.resume else (model, None, None)
     history = train(cfg, model, tokenizer, *data, ref=ref, state=state)
     print(summarize(history, model.device))
     print(f"metrics: {cfg.out}/metrics.jsonl  checkpoint: {cfg.out}/checkpoint")
@@ -637,82 +542,68 @@ def die(msg: str):
     """One clear line on stderr, exit status 1, no traceback."""
     raise SystemExit(f"error: {msg}")
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        die(f"{message}; see --help")
-
-def build_parser(defaults: dict) -> ArgumentParser:
-    """A flag per Config field; `defaults` replaces Config's defaults."""
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    choices = {"algo": ["flowrl", "grpo"], "log_z": ["mlp", "group"], "device": ["cuda", "mps",
-                                                                              "cpu"]}
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    """A flag per Config field; `defaults` replaces Config's defaults; errors go through die."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: die(f"{message}; see --help")
+    choices = {"algo": ["flowrl", "grpo"], "log_z": ["mlp", "group"],
+               "device": ["cuda", "mps", "cpu"]}
     for f in fields(Config):
-        default = defaults.get(f.name, f.default)
-        kw = {"type": f.type, "choices": choices.get(f.name)}
-        if f.type is bool:
-            kw = {"action": argparse.BooleanOptionalAction}
-        p.add_argument("--" + f.name.replace("_", "-"), default=default, **kw,
-                       help=f"{f.metadata['help']} (default: {default})")
+        kw = ({"action": argparse.BooleanOptionalAction} if f.type is bool
+              else {"type": f.type, "choices": choices.get(f.name)})
+        p.add_argument("--" + f.name.replace("_", "-"), default=defaults.get(f.name, f.default),
+                       help=f.metadata["help"], **kw)
     return p
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
     """Flags into a checked Config; with --resume the saved one, but for --steps (as nanoGPT)."""
     cfg = Config(**vars(build_parser(defaults or {}).parse_args(argv)))
-    saved = os.path.join(cfg.out, "checkpoint", "trainer_state.pt")
     if cfg.resume:
-        # parse again with every default suppressed: only the flags given now remain
+        saved = os.path.join(cfg.out, "checkpoint", "trainer_state.pt")
         given = build_parser({f.name: argparse.SUPPRESS for f in fields(Config)}).parse_args(argv)
         if not os.path.isfile(saved) or set(vars(given)) - {"resume", "out", "steps"}:
             die(f"--resume continues the run saved in {saved} with its own flags (only --steps "
                 "may change); start a new run without --resume, or drop the other flags")
         cfg = Config(**{**torch.load(saved, weights_only=True, mmap=True)["config"],
                         "resume": True, "steps": cfg.steps})
-    # the defaults that depend on other flags
     if cfg.lr is None:
         cfg.lr = LORA_LR if cfg.lora_r else 1e-6
-    cfg.logz_lr = cfg.logz_lr or cfg.lr
-    cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_r
+    cfg.logz_lr, cfg.lora_alpha = cfg.logz_lr or cfg.lr, cfg.lora_alpha or 2.0 * cfg.lora_r
     positive = [cfg.steps, cfg.prompts, cfg.max_new_tokens, cfg.mini_batches, cfg.micro_tokens,
                 cfg.eval_k, cfg.eval_prompts, cfg.lr, cfg.logz_lr, cfg.temperature]
     if cfg.group_size < 2 or min(positive) <= 0 or min(cfg.lora_r, cfg.save_every) < 0:
-        die("--group-size must be at least 2 (r̂ needs 2 responses per group), the sizes, --lr, "
-            "--logz-lr and --temperature positive, --lora-r and --save-every at least 0")
+        die("--group-size must be at least 2, the sizes, --lr, --logz-lr and --temperature "
+            "positive, --lora-r and --save-every at least 0")
     if os.path.isfile(cfg.out) or (os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
                                    and not (cfg.overwrite or cfg.resume or cfg.check_batch)):
-        die(f"--out {cfg.out} is a file or holds a run; pass another --out, --overwrite to "
-            "replace the run, or --resume to continue it")
+        die(f"--out {cfg.out} is a file or holds a run; pass another --out, --overwrite, --resume")
     return cfg
 
 def pick_device(name: str) -> torch.device:
     """--device, or the first available of CUDA, Apple's MPS and the CPU."""
-    if not name and torch.cuda.is_available():
-        name = "cuda"
-    if not name and torch.backends.mps.is_available():
-        name = "mps"
-    return torch.device(name or "cpu")
+    found = [d for d, m in [("cuda", torch.cuda), ("mps", torch.backends.mps)] if m.is_available()]
+    return torch.device(name or (found + ["cpu"])[0])
 
 # ----------------------------------------------------------------------------- models, files
 def load_model(name: str) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """π_θ (fp32, no dropout) and tokenizer: a directory, the cache, or the hub if it answers."""
-    local = os.path.isdir(os.path.expanduser(name))
-    # a bare name like Qwen2.5-0.5B means Qwen/Qwen2.5-0.5B
-    repo = os.path.expanduser(name) if local or "/" in name else f"Qwen/{name}"
+    path = os.path.expanduser(name)
+    offline = os.path.isdir(path)
+    repo = path if offline or "/" in name else f"Qwen/{name}"  # bare Qwen2.5-0.5B: Qwen/...
     try:
         socket.create_connection(("huggingface.co", 443), 3.0).close()
-        offline = local
     except OSError:
         offline = True
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(repo, local_files_only=offline)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(repo, local_files_only=offline,
+                                                               padding_side="left")
         model = transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32,
                                                                   local_files_only=offline)
     except (OSError, ValueError) as e:
-        die(f"--model {name}: cannot load {repo} ({str(e).splitlines()[0][:200]}); pass a local "
-            "model directory, or run the offline tiny model: python toy_tasks.py train")
+        die(f"--model {name}: cannot load {repo} ({e!r:.99}); offline: python toy_tasks.py train")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    # RL on LLMs runs without dropout: sampled and trained log-probs must agree
-    for m in model.modules():
+    for m in model.modules():  # RL runs without dropout: sampled and trained log-probs agree
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     return model, tokenizer
@@ -723,15 +614,13 @@ def add_lora(model: PreTrainedModel, r: int, alpha: float) -> PreTrainedModel:
         from peft import LoraConfig
     except ImportError:
         die("--lora-r needs the peft package: pip install peft")
-    model.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
-                                 lora_dropout=0.0))
+    model.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
     return model
 
 def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS and the generation config's."""
     ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    return sorted(set(ids) | {tokenizer.eos_token_id})
+    return sorted({tokenizer.eos_token_id, *([ids] if isinstance(ids, int) else ids or [])})
 
 def load_file_dataset(path: str, seed: int) -> tuple[Dataset, Dataset]:
     """Train and held-out rows (a fifth, ≤ 100) of a file with question and answer columns."""
@@ -743,15 +632,13 @@ def load_file_dataset(path: str, seed: int) -> tuple[Dataset, Dataset]:
         ds = load_dataset(builder, data_files=path, split="train")
         ds = ds.map(lambda r: {"question": str(r["question"]), "answer": str(r["answer"])})
     except Exception as e:  # noqa: BLE001 -- any reader error: one line naming the file
-        die(f"--dataset {path}: cannot be read as {builder} with question and answer columns "
-            f"({type(e).__name__}: {str(e)[:200]})")
+        die(f"--dataset {path}: cannot read {builder} question and answer columns ({e!r:.150})")
     if len(ds) < 5:
         return ds, ds
     split = ds.train_test_split(test_size=min(100, len(ds) // 5), seed=seed)
     return split["train"], split["test"]
 
-def save_checkpoint(cfg: Config, model: PreTrainedModel, tokenizer, parts: dict,
-                    step: int) -> None:
+def save_checkpoint(cfg: Config, model: PreTrainedModel, tokenizer, parts: dict, step: int) -> None:
     """<out>/checkpoint (weights or LoRA adapters, tokenizer, trainer state), written whole."""
     final = os.path.join(cfg.out, "checkpoint")
     shutil.rmtree(final + ".tmp", ignore_errors=True)
@@ -779,29 +666,27 @@ VERL_KEYS = {"log_prob": "logp", "old_log_probs": "old_logp", "ref_log_prob": "r
              "response_mask": "mask", "advantages": "adv"}
 
 def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
-    """Our losses and gradients (float64) for another implementation's tensors, a torch.save'd
-    dict: logp, ref_logp, mask (N, T), adv (N,; veRL's per token (N, T)), group_size; optional
-    old_logp (default logp) and log_z (default 0). FlowRL with group_log_z too."""
+    """Our losses and gradients (float64) on a torch.save'd batch: (N, T) log-probs, mask, r̂."""
     b = torch.load(cfg.check_batch, weights_only=True) if os.path.isfile(cfg.check_batch) else {}
     t = {VERL_KEYS.get(k, k): torch.as_tensor(v).detach().double() for k, v in b.items()}
     if {"logp", "ref_logp", "mask", "adv", "group_size"} - set(t):
         die(f"--check-batch {cfg.check_batch}: needs logp, ref_logp, mask, adv and group_size; "
             f"found {', '.join(t) or 'no such file'}")
     logp, ref, mask, adv = t["logp"].requires_grad_(), t["ref_logp"], t["mask"], t["adv"]
+    G = int(t["group_size"])
     old = t.get("old_logp", logp.detach())
-    # per-token advantages (veRL): the sequence's r̂ is their mean over its tokens
-    adv = masked_mean(adv, mask, -1) if adv.dim() == 2 else adv
+    adv = masked_mean(adv, mask, -1) if adv.dim() == 2 else adv  # veRL's per token: their mean
     w = importance_weight(logp, old, mask, cfg.clip_low, cfg.clip_high)
     log_zs = {"flowrl": t.get("log_z", torch.zeros_like(adv)).reshape(adv.shape),
-              "flowrl_group_log_z": group_log_z(logp, ref, mask, adv, int(t["group_size"]),
+              "flowrl_group_log_z": group_log_z(logp, ref, mask, adv, G,
                                                 cfg.beta, cfg.length_norm, w)}
     out = {}
     for name, log_z in log_zs.items():
         loss, out[name] = flowrl_loss(logp, old, ref, mask, log_z.requires_grad_(), adv, cfg.beta,
                                       cfg.clip_low, cfg.clip_high, cfg.length_norm)
-        grads = torch.autograd.grad(loss, [logp, log_z])
-        out[name] |= {"grad_logp_norm": grads[0].norm().item(),
-                      "grad_log_z_norm": grads[1].norm().item()}
+        g_logp, g_z = torch.autograd.grad(loss, [logp, log_z])
+        out[name] |= {"grad_logp_norm": g_logp.norm().item(), "grad_log_z_norm": g_z.norm().item(),
+                      "grad_log_z_per_prompt_norm": g_z.view(-1, G).sum(1).norm().item()}
     loss, out["grpo"] = grpo_loss(logp, old, ref, mask, adv, kl_coef=cfg.kl_coef)
     out["grpo"]["grad_logp_norm"] = torch.autograd.grad(loss, logp)[0].norm().item()
     out["logprobs"] = logprob_stats(logp, old, ref, mask)

@@ -228,7 +228,7 @@ def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3,
 def initial_model(name: str, seed: int):
     """π_ref and its tokenizer, on the GPU if there is one: the tiny model warm-started on the
     answer format, or a pretrained one."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = fm.pick_device("")
     if name != "tiny":
         model, tokenizer = fm.load_model(name)
         return model.to(device), tokenizer
