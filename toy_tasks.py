@@ -39,6 +39,11 @@ ANSWERS = [str(n) for n in range(10, 100)]  # the whole answer space of the toy 
 PROMPTS = [(5, 3)]
 # π_ref's preference for correct answers: π_ref(correct) ≈ 18·4 / (18·4 + 72) = 0.5
 BOOST = 4.0
+# `--task lengths`: correct answers of two lengths, 3 and 8 (a digit + EOS) and 13 ... 98 (two
+# digits + EOS); the warm start draws each one-digit correct answer SHORT_BOOST times as often
+# as a wrong one, so that π_ref puts about 40% of its correct mass on them (2·24 / (2·24 + 18·4))
+LENGTHS = "Name a number below 100 that leaves remainder 3 when divided by 5."
+SHORT_BOOST = 24.0
 
 # `--task numbers`, for a pretrained chat model (README: Figure 1 on a real LLM): questions it
 # answers with a bare number, each with 10-22 correct two-digit answers, chosen by measuring π_ref
@@ -63,16 +68,14 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 TINY = {"model": "tiny", "dataset": "modes", "steps": 200, "lr": 3e-4, "logz_lr": 1e-2,
         "max_new_tokens": 4, "grad_ckpt": False}
 
-
 def question(m: int, r: int) -> str:
     return f"Name a two-digit number that leaves remainder {r} when divided by {m}."
-
 
 def build_tiny_model(seed: int) -> tuple[transformers.PreTrainedModel,
                                          transformers.PreTrainedTokenizerFast]:
     """A random 2-layer Qwen2 (about 0.1M parameters) and a byte-level BPE tokenizer trained
     here on a fixed corpus: the toy question and 200 arithmetic questions."""
-    corpus = [question(*PROMPTS[0])] + list(fm.arith_dataset(200, seed)["question"])
+    corpus = [question(*PROMPTS[0]), LENGTHS] + list(fm.arith_dataset(200, seed)["question"])
     tok = tk.Tokenizer(tk.models.BPE())
     tok.normalizer = tk.normalizers.NFC()
     split = tk.pre_tokenizers.Split(tk.Regex(QWEN2_SPLIT), "isolated")
@@ -94,12 +97,10 @@ def build_tiny_model(seed: int) -> tuple[transformers.PreTrainedModel,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     return transformers.Qwen2ForCausalLM(config), tokenizer
 
-
 def correct_set(answer: str) -> list[bool]:
     """Which of ANSWERS are correct for a prompt whose answer field is 'm:r'. (90,)"""
     m, r = map(int, answer.split(":"))
     return [int(a) % m == r for a in ANSWERS]
-
 
 def modes_reward(completion: str, answer: str) -> float:
     """1.0 for a two-digit number with the asked remainder, else 0.0."""
@@ -107,17 +108,14 @@ def modes_reward(completion: str, answer: str) -> float:
     m, r = map(int, answer.split(":"))
     return float(got is not None and int(got.group(1)) % m == r)
 
-
 def graded_reward(completion: str, answer: str) -> float:
     """Modes of unequal reward: a correct number ending in 8 scores 1.0, one ending in 3, 0.5."""
     return modes_reward(completion, answer) * (1.0 if completion.strip().endswith("8") else 0.5)
-
 
 def numbers_reward(completion: str, answer: str) -> float:
     """1.0 when the response is exactly one of the correct strings (answer: '11,13,...'), else
     0.0: strict about the format, so every rewarded response lies in NUMBER_SPACE."""
     return float(completion in answer.split(","))
-
 
 def task_prompts(task: str) -> list[tuple[str, list[str], list[bool]]]:
     """Each prompt of a task: its question, the answer space, and which answers are correct."""
@@ -127,12 +125,13 @@ def task_prompts(task: str) -> list[tuple[str, list[str], list[bool]]]:
             correct = [len(a) == 2 and rule(int(a)) for a in NUMBER_SPACE]
             out.append((q + REPLY, NUMBER_SPACE, correct))
         return out
+    if task == "lengths":
+        return [(LENGTHS, NUMBER_SPACE, [int(a) % 5 == 3 for a in NUMBER_SPACE])]
     return [(question(m, r), ANSWERS, correct_set(f"{m}:{r}")) for m, r in PROMPTS]
-
 
 def make_task(name: str) -> tuple[Dataset, Dataset, fm.RewardFn]:
     """The task's prompts (train = held-out: the point is the distribution per prompt), reward."""
-    if name == "numbers":
+    if name in ("numbers", "lengths"):
         prompts = task_prompts(name)
         fields = [",".join(a for a, ok in zip(space, correct) if ok)
                   for _, space, correct in prompts]
@@ -141,7 +140,6 @@ def make_task(name: str) -> tuple[Dataset, Dataset, fm.RewardFn]:
     ds = Dataset.from_dict({"question": [question(m, r) for m, r in PROMPTS],
                             "answer": [f"{m}:{r}" for m, r in PROMPTS]})
     return ds, ds, {"modes": modes_reward, "graded": graded_reward}[name]
-
 
 def answer_batch(tokenizer, q: str, space: list[str] = ANSWERS) -> tuple[torch.Tensor, ...]:
     """The prompt's ids (P,), and every answer + EOS right-padded: ids and mask (A, T)."""
@@ -153,7 +151,6 @@ def answer_batch(tokenizer, q: str, space: list[str] = ANSWERS) -> tuple[torch.T
     ids = torch.tensor([a + [tokenizer.pad_token_id] * (T - len(a)) for a in answers])
     return prompt, ids, torch.tensor([[1.0] * len(a) + [0.0] * (T - len(a)) for a in answers])
 
-
 @torch.inference_mode()
 def answer_logprobs(model, tokenizer, q: str, space: list[str] = ANSWERS) -> torch.Tensor:
     """Exact log π(a + EOS | x) for every answer a, in one teacher-forced forward. (A,)"""
@@ -161,7 +158,6 @@ def answer_logprobs(model, tokenizer, q: str, space: list[str] = ANSWERS) -> tor
     model.eval()
     logp, _ = fm.sequence_logprobs(model, [prompt], [0] * len(ids), ids, mask, 1.0)
     return torch.where(mask.bool(), logp, 0.0).sum(-1).cpu()
-
 
 def mode_metrics(logp: torch.Tensor, ref_logp: torch.Tensor,
                  correct: torch.Tensor) -> dict[str, float]:
@@ -180,37 +176,40 @@ def mode_metrics(logp: torch.Tensor, ref_logp: torch.Tensor,
             "kl_target": (t * (t.log() - logp[correct])).sum().item(),
             "entropy": -(q * q.log()).sum().item(), "max_entropy": math.log(int(correct.sum()))}
 
-
 def task_logprobs(model, tokenizer, task: str) -> list[torch.Tensor]:
     """Exact log π(a | x) of every answer, for each prompt of the task. [(A,)]"""
     return [answer_logprobs(model, tokenizer, q, space) for q, space, _ in task_prompts(task)]
 
-
 def task_metrics(logps: list[torch.Tensor], ref_logps: list[torch.Tensor],
                  task: str) -> dict[str, float]:
     """mode_metrics averaged over the task's prompts (modes_covered and n_modes summed); on
-    `graded` also high_share: the share of the correct mass on its best answers (ending in 8)."""
+    `graded` also high_share, the share of the correct mass on its best answers (ending in 8), on
+    `lengths` short_share, the share of the correct mass on the one-digit answers."""
+    share = {"graded": ("high_share", lambda a: a.endswith("8")),
+             "lengths": ("short_share", lambda a: len(a) == 1)}
     per = []
     for (q, space, correct), logp, ref in zip(task_prompts(task), logps, ref_logps):
         correct = torch.tensor(correct)
         per.append(mode_metrics(logp, ref, correct))
-        if task == "graded":
-            high = correct & torch.tensor([a.endswith("8") for a in space])
-            per[-1]["high_share"] = (logp[high].exp().sum() / logp[correct].exp().sum()).item()
+        if task in share:
+            name, pick = share[task]
+            part = correct & torch.tensor([pick(a) for a in space])
+            per[-1][name] = (logp[part].exp().sum() / logp[correct].exp().sum()).item()
     summed = ("modes_covered", "n_modes")
     return {k: (sum if k in summed else statistics.mean)(d[k] for d in per) for k in per[0]}
 
-
 def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3,
-               boost: float = BOOST) -> None:
+               boost: float = BOOST, task: str = "modes") -> None:
     """Supervised pre-training (not RL) that gives the random tiny model a prior π_ref: answers
-    drawn from the whole answer space, each correct one `boost` times as often, so π_ref reads
-    the prompt and solves it some of the time, like a pretrained LLM, with mass on every mode."""
+    drawn from the whole answer space, each correct one `boost` times as often (a one-digit one,
+    SHORT_BOOST), so π_ref solves the prompt some of the time, like a pretrained LLM, with mass
+    on every mode."""
     g = torch.Generator().manual_seed(seed)
-    batches = [[x.to(model.device) for x in answer_batch(tokenizer, question(m, r))]
-               for m, r in PROMPTS]
-    weights = [1 + (boost - 1) * torch.tensor(correct_set(f"{m}:{r}"), dtype=torch.float)
-               for m, r in PROMPTS]
+    prompts = task_prompts(task)
+    batches = [[x.to(model.device) for x in answer_batch(tokenizer, q, space)]
+               for q, space, _ in prompts]
+    weights = [torch.tensor([SHORT_BOOST if ok and len(a) == 1 else 1 + (boost - 1) * ok
+                             for a, ok in zip(space, correct)]) for _, space, correct in prompts]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
@@ -224,8 +223,7 @@ def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3,
         loss.backward()
         opt.step()
 
-
-def initial_model(name: str, seed: int):
+def initial_model(name: str, seed: int, task: str = "modes"):
     """π_ref and its tokenizer, on the GPU if there is one: the tiny model warm-started on the
     answer format, or a pretrained one."""
     device = fm.pick_device("")
@@ -235,23 +233,20 @@ def initial_model(name: str, seed: int):
     torch.manual_seed(seed)
     model, tokenizer = build_tiny_model(seed)
     model.to(device)
-    warm_start(model, tokenizer, seed)
+    warm_start(model, tokenizer, seed, task=task)
     return model, tokenizer
-
 
 def load_tiny(cfg: fm.Config) -> tuple:
     """flowrl_min.main's loader for `python toy_tasks.py train`: the warm-started tiny model and
     a toy task."""
-    if cfg.model != "tiny" or cfg.dataset not in ("modes", "graded"):
-        fm.die("toy_tasks.py train runs the tiny model on --dataset modes or graded; for a "
-               "pretrained model or another dataset use python flowrl_min.py")
-    return (*initial_model("tiny", cfg.seed), *make_task(cfg.dataset))
-
+    if cfg.model != "tiny" or cfg.dataset not in ("modes", "graded", "lengths"):
+        fm.die("toy_tasks.py train runs the tiny model on --dataset modes, graded or lengths; "
+               "for a pretrained model or another dataset use python flowrl_min.py")
+    return (*initial_model("tiny", cfg.seed, cfg.dataset), *make_task(cfg.dataset))
 
 def train_tiny(argv: list[str]) -> list[dict]:
     """`python toy_tasks.py train [flags]`: flowrl_min's own main() on the tiny model."""
     return fm.main(argv, TINY, load_tiny)
-
 
 def run(task: str, algo: str, model, tokenizer, ref_logps: list[torch.Tensor], seed: int,
         flags: list[str], every: int = 10, model_name: str = "tiny") -> list[dict]:
@@ -259,7 +254,7 @@ def run(task: str, algo: str, model, tokenizer, ref_logps: list[torch.Tensor], s
     weights; exact metrics every few steps (step 0 is π_ref itself, from ref_logps)."""
     # --model only picks flowrl_min's defaults for it (learning rates, checkpointing)
     defaults = TINY if model_name == "tiny" else {}
-    cfg = fm.parse_args(["--algo", algo, "--dataset", task, "--seed", str(seed), "--eval-every",
+    cfg = fm.parse_args([*VARIANTS[algo], "--dataset", task, "--seed", str(seed), "--eval-every",
                          "0", "--model", model_name, "--out", f"toy_out/{task}-{algo}-seed{seed}",
                          "--overwrite", *flags], defaults)
     if cfg.lora_r:
@@ -275,6 +270,22 @@ def run(task: str, algo: str, model, tokenizer, ref_logps: list[torch.Tensor], s
     history = fm.train(cfg, model, tokenizer, train_ds, eval_ds, reward_fn, on_step=track)
     return [{"step": 0, **task_metrics(ref_logps, ref_logps, task)}] + history
 
+def fixed_point(history: list[dict], ref_logp: torch.Tensor, tokenizer, group_size: int,
+                beta: float, token_sums: bool) -> dict[str, float]:
+    """What δ = 0 predicts for a `lengths` run, from its own numbers: log Z (mean of its last 10
+    steps), β·r̂ of a correct answer at its final accuracy p (r̂ = √((1−p)/p·(G−1)/G): a group of
+    G with pG correct), κ = β·r̂ − log Z, and π(y) ∝ π_ref(y)·exp(|y|·κ) over the correct
+    answers (|y|: tokens, EOS included; 1 for all with token sums): its one-digit share."""
+    q, space, correct = task_prompts("lengths")[0]
+    correct, short = torch.tensor(correct), torch.tensor([len(a) == 1 for a in space])
+    tokens = answer_batch(tokenizer, q, space)[2].sum(-1)
+    if token_sums:
+        tokens = torch.ones_like(tokens)
+    log_z = statistics.mean(m["log_z"] for m in history[-10:])
+    p = history[-1]["accuracy"]
+    kappa = beta * math.sqrt((1 - p) / p * (group_size - 1) / group_size) - log_z
+    target = (ref_logp + tokens * kappa).masked_fill(~correct, -math.inf).softmax(0)
+    return {"log_z": log_z, "kappa": kappa, "predicted_short_share": target[short].sum().item()}
 
 def histogram(dists: dict[str, torch.Tensor], space: list[str], width: int = 30) -> str:
     """A terminal histogram of answer distributions side by side, a row per answer any holds."""
@@ -287,31 +298,34 @@ def histogram(dists: dict[str, torch.Tensor], space: list[str], width: int = 30)
         lines.append(f"{space[i]:>3} " + "".join(bars))
     return "\n".join(lines)
 
-
 def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[dict]]],
          title: str, correct: torch.Tensor, space: list[str]) -> None:
-    """Target vs GRPO vs FlowRL: the mass on each correct answer (and on all wrong ones
-    together), and modes covered and KL over training steps."""
+    """Target vs the methods: the mass on each correct answer (and on all wrong ones together),
+    and modes covered (on `lengths`: the one-digit share) and KL over training steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [2.4, 1, 1]})
     names = [a for a, ok in zip(space, correct.tolist()) if ok] + ["all\nwrong"]
-    x, w = torch.arange(len(names)).float(), 0.28
-    color = {"target p*": "tab:gray", "grpo": "tab:red", "flowrl": "tab:blue"}
+    x, w = torch.arange(len(names)).float(), 0.84 / len(dists)
+    color = {"target p*": "tab:gray", "grpo": "tab:red", "flowrl": "tab:blue",
+             "flowrl-sum": "tab:green", "flowrl-group": "tab:orange"}
     label = {"target p*": "target p* (π_ref on the correct answers)", "grpo": "GRPO",
-             "flowrl": "FlowRL"}
+             "flowrl": "FlowRL", "flowrl-sum": "FlowRL, token sums (no 1/|y|)",
+             "flowrl-group": "FlowRL, closed-form log Z"}
     for j, (name, d) in enumerate(dists.items()):
         # "all wrong": the wrong answers and whatever lies outside the answer space
         heights = torch.cat([d[correct], 1 - d[correct].sum(0, keepdim=True)])
-        ax[0].bar(x + (j - 1) * w, heights.numpy(), w, label=label[name], color=color[name])
+        ax[0].bar(x + (j - (len(dists) - 1) / 2) * w, heights.numpy(), w, label=label[name],
+                  color=color[name])
     ax[0].set_xticks(x.numpy(), names, fontsize=8)
     ax[0].set(title="first prompt: probability of each correct answer after training (seed 0)",
               xlabel="answer", ylabel="probability")
     ax[0].legend()
+    middle = "short_share" if "short_share" in curves[next(iter(curves))][0][0] else "modes_covered"
     for algo, runs in curves.items():
         steps = [m["step"] for m in runs[0] if "kl_target" in m]
-        for k, key in ((1, "modes_covered"), (2, "kl_target")):
+        for k, key in ((1, middle), (2, "kl_target")):
             per_seed = [[m[key] for m in run if "kl_target" in m] for run in runs]
             mean = [statistics.mean(v) for v in zip(*per_seed)]
             ax[k].plot(steps, mean, label=label[algo], color=color[algo], linewidth=2)
@@ -319,6 +333,10 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
     n_modes = next(iter(curves.values()))[0][0]["n_modes"]
     ax[1].set(title=f"modes covered (of {n_modes}, all prompts), mean over seeds",
               xlabel="training step", ylim=(0, n_modes + 1))
+    if middle == "short_share":
+        ax[1].axhline(float(dists["target p*"][correct][:2].sum()), color="tab:gray", ls="--",
+                      label="p* (seed 0)")
+        ax[1].set(title="share of the correct mass on 3 and 8, mean over seeds", ylim=(0, 1))
     ax[2].set(title="KL(p* ‖ π_θ), mean over seeds", xlabel="training step", yscale="log")
     ax[1].legend()
     ax[2].legend()
@@ -329,21 +347,23 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
 
-
 KEYS = ("mass", "accuracy", "modes_covered", "n_modes", "kl_target", "entropy", "max_entropy",
-        "high_share")
+        "high_share", "short_share", "log_z", "kappa", "predicted_short_share")
+# the methods a toy run compares: flowrl_min's flags for each
+VARIANTS = {"grpo": ["--algo", "grpo"], "flowrl": ["--algo", "flowrl"],
+            "flowrl-sum": ["--no-length-norm"], "flowrl-group": ["--log-z", "group"]}
 # per-model defaults: (the tiny random model, a pretrained model); README: how each was chosen
 DEFAULTS = {"steps": (200, 40), "lr": (3e-4, 3e-5), "group_size": (16, 8), "lora_r": (0, 16)}
-
 
 def parse_toy_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The toy's flags; any other flag goes to FlowRL's run (e.g. --no-length-norm)."""
     p = argparse.ArgumentParser(description="FlowRL vs GRPO on a toy multimodal reward, exact "
                                 "metrics (`train`: one flowrl_min run on the tiny model instead)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="modes", choices=["modes", "graded", "numbers"],
+    p.add_argument("--task", default="modes", choices=["modes", "graded", "lengths", "numbers"],
                    help="modes: 18 equally correct answers; graded: correct answers of two "
-                        "reward levels; numbers: four questions for a pretrained chat model")
+                        "reward levels; lengths: correct answers of 1 and 2 digits; numbers: four "
+                        "questions for a pretrained chat model")
     p.add_argument("--model", default="tiny",
                    help="'tiny' (random, warm-started here) or a pretrained chat model")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: mean and spread")
@@ -361,16 +381,18 @@ def parse_toy_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="the figure ('' for none; the README's copy: --plot toy_modes.png)")
     p.add_argument("--json", default="toy_out/toy_modes.json",
                    help="the results ('' for none; the README's copy: --json toy_modes.json)")
-    p.add_argument("--algos", default="grpo,flowrl", help="which to train, comma-separated")
+    p.add_argument("--algos", default="grpo,flowrl", help="which to train, comma-separated, of "
+                   + ", ".join(VARIANTS))
     args, flowrl_flags = p.parse_known_args(argv)
+    if set(args.algos.split(",")) - set(VARIANTS):
+        fm.die(f"--algos {args.algos}: choose from {', '.join(VARIANTS)}")
     if (args.task == "numbers") == (args.model == "tiny"):
         fm.die("--task numbers is for a pretrained chat model (--model DIR), and a pretrained "
-               "model needs --task numbers: the tiny model's tasks are modes and graded")
+               "model needs --task numbers: the tiny model's tasks are modes, graded and lengths")
     for name, (tiny, pretrained) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.model == "tiny" else pretrained)
     return args, flowrl_flags
-
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = sys.argv[1:] if argv is None else argv
@@ -396,29 +418,34 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         # the tiny model's π_ref depends on the seed (its warm start); a pretrained one is loaded
         # once; its exact answer log-probs are computed once per seed
         if seed == 0 or args.model == "tiny":
-            model, tokenizer = initial_model(args.model, seed)
+            model, tokenizer = initial_model(args.model, seed, args.task)
             ref_logps = task_logprobs(model, tokenizer, args.task)
         if seed == 0:
             dists["target p*"] = torch.softmax(ref_logps[0].masked_fill(~correct0, -math.inf), 0)
         for algo, runs in curves.items():
             # the same initial weights for both
             policy = copy.deepcopy(model)
-            extra = ["--beta", str(args.beta), *flowrl_flags] if algo == "flowrl" else []
+            extra = ["--beta", str(args.beta), *flowrl_flags] if algo != "grpo" else []
             start = time.perf_counter()
             runs.append(run(args.task, algo, policy, tokenizer, ref_logps, seed, flags + extra,
                             every, args.model))
             walls[algo].append(time.perf_counter() - start)
+            if args.task == "lengths" and algo != "grpo":
+                runs[-1][-1] |= fixed_point(runs[-1], ref_logps[0], tokenizer, args.group_size,
+                                            args.beta, algo == "flowrl-sum")
             if seed == 0:
                 dists[algo] = answer_logprobs(policy, tokenizer, q0, space).exp()
             del policy
-    keys = [k for k in KEYS if k in next(iter(curves.values()))[0][0]]
     final = {algo: [run[-1] for run in runs] for algo, runs in curves.items()}
-    summary = {"ref": {k: statistics.mean(r[0][k] for r in next(iter(curves.values())))
-                       for k in keys}}
+    keys = [k for k in KEYS if any(k in ms[0] for ms in final.values())]
+    first = next(iter(curves.values()))
+    summary = {"ref": {k: statistics.mean(r[0][k] for r in first)
+                       for k in keys if k in first[0][0]}}
     for algo, ms in final.items():
-        summary[algo] = {k: statistics.mean(m[k] for m in ms) for k in keys}
-        summary[algo]["spread"] = {k: statistics.pstdev(m[k] for m in ms) for k in keys}
-        summary[algo]["per_seed"] = [{k: m[k] for k in keys} for m in ms]
+        own = [k for k in keys if k in ms[0]]
+        summary[algo] = {k: statistics.mean(m[k] for m in ms) for k in own}
+        summary[algo]["spread"] = {k: statistics.pstdev(m[k] for m in ms) for k in own}
+        summary[algo]["per_seed"] = [{k: m[k] for k in own} for m in ms]
         summary[algo]["wall_s"] = walls[algo]
         summary[algo]["curves"] = [[{k: m[k] for k in ["step", *keys] if k in m} for m in run
                                     if "kl_target" in m] for run in curves[algo]]
@@ -427,10 +454,12 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     print(f"\n{args.task}: {args.seeds} seed(s) x {args.steps} steps, G={args.group_size}, "
           f"lr={args.lr}, LoRA r={args.lora_r}, FlowRL beta={args.beta} {' '.join(flowrl_flags)}; "
           "mean ± spread over seeds, exact (every answer teacher-forced)")
-    print(f"{'metric':<16}{'pi_ref (step 0)':>18}" + "".join(f"{a:>20}" for a in curves))
+    print(f"{'metric':<22}{'pi_ref':>12}" + "".join(f"{a:>20}" for a in curves))
     for k in keys:
-        cells = [f"{summary[a][k]:.3f} ± {summary[a]['spread'][k]:.3f}" for a in curves]
-        print(f"{k:<16}{summary['ref'][k]:>18.3f}" + "".join(f"{c:>20}" for c in cells))
+        cells = [f"{summary[a][k]:.3f} ± {summary[a]['spread'][k]:.3f}" if k in summary[a]
+                 else "-" for a in curves]
+        ref = f"{summary['ref'][k]:.3f}" if k in summary["ref"] else "-"
+        print(f"{k:<22}{ref:>12}" + "".join(f"{c:>20}" for c in cells))
     print(f"\nanswer distributions after training (seed 0), {q0!r}:\n" + histogram(dists, space))
     for path in (args.json, args.plot):
         if path:
@@ -447,7 +476,6 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         plot(args.plot, dists, curves, title, correct0, space)
         print(f"figure: {args.plot}")
     return summary
-
 
 if __name__ == "__main__":
     main()
