@@ -24,6 +24,9 @@ import toy_tasks as tt
 warnings.filterwarnings("ignore", "Unknown pytest.mark.slow", pytest.PytestUnknownMarkWarning)
 
 TIMING = {"gen_s", "ref_s", "update_s"}
+# the LoRA tests need the optional extra; without it they skip and say why (.ci/run installs it)
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="needs peft (LoRA): pip install peft")
 
 
 @pytest.fixture(autouse=True)
@@ -536,7 +539,8 @@ def test_evaluation_never_changes_training(tmp_path):
     assert strip(a, drop_eval=True) == strip(b, drop_eval=True)
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora-r", "4", "--lr", "1e-3"]], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [pytest.param([], id="full"), pytest.param(
+    ["--lora-r", "4", "--lr", "1e-3"], id="lora", marks=needs_peft)])
 def test_resume_with_more_steps_equals_the_longer_run(extra, tmp_path):
     flags = ["--eval-every", "3", "--eval-prompts", "1", "--eval-k", "4", *extra]
     whole = tt.train_tiny(["--steps", "5", "--out", str(tmp_path / "a"), *flags])
@@ -662,6 +666,7 @@ def test_devices_and_no_float64_on_the_training_path(monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------------- LoRA
+@needs_peft
 def test_lora_reference_is_the_base_model_and_only_adapters_and_log_z_move(tiny, tmp_path):
     base, tok = copy.deepcopy(tiny[0]), tiny[1]
     tt.warm_start(base, tok, 0, steps=20)
@@ -685,6 +690,7 @@ def test_lora_reference_is_the_base_model_and_only_adapters_and_log_z_move(tiny,
     assert model.active_adapters() == ["default"]  # switched back on after scoring π_ref
 
 
+@needs_peft
 def test_lora_checkpoint_reloads_with_peft_to_identical_logprobs(tiny_dir, jsonl, tmp_path):
     from peft import PeftModel
 
