@@ -19,20 +19,21 @@ import copy
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 
+import huggingface_hub.constants
 import torch
 import transformers
 from datasets import Dataset, disable_progress_bars, load_dataset
@@ -74,32 +75,31 @@ class Config:
     eval_prompts: int = flag(16, "held-out prompts per evaluation")
     eval_k: int = flag(8, "samples per held-out prompt (mean accuracy and pass@k)")
     device: str = flag("", "cuda, mps or cpu (default: the first of them that is available)")
+    dtype: str = flag("auto", "bfloat16 autocast or float32; auto: bf16 where the device has it")
     out: str = flag("out", "output directory: metrics.jsonl and checkpoint/")
     overwrite: bool = flag(False, "replace a run already in --out")
     resume: bool = flag(False, "continue the run in --out with its flags (--steps may change)")
     save_every: int = flag(0, "also save the checkpoint every N steps (0: at the end)")
     seed: int = flag(0, "seed for weights, data order and sampling")
-    check_batch: str = flag("", "a torch.save'd batch: print our losses and gradients, exit")
+    check_batch: str = flag("", "a torch.save'd batch: print our losses, gradients (default: none)")
 
 # ----------------------------------------------------------------------------- the objective
 def group_normalize(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     """r̂_i = (r_i − group mean) / (unbiased group std + eps); G adjacent rows. (N,) -> (N,)"""
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"group_size must be >= 2 and divide {rewards.numel()}, got {group_size}")
-    g = rewards.view(-1, group_size).float()  # (N/G, G)
+    g = rewards.view(-1, group_size)  # (N/G, G)
+    g = g.to(torch.promote_types(g.dtype, torch.float32))  # float64 stays float64
+    # shifted by the group's first reward (r̂ does not change): an equal group is exactly 0
+    g = g - g[:, :1]
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
 
-class LogZ(nn.Module):
+class LogZ(nn.Sequential):
     """log Z_φ(x): 3-layer MLP on the prompt's mean last hidden state, not detached. (N, H)->(N,)"""
-
     def __init__(self, hidden: int, dropout: float = 0.1):
-        super().__init__()
         block = lambda: [nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden),
                          nn.Dropout(dropout)]
-        self.net = nn.Sequential(*block(), *block(), nn.Linear(hidden, 1))
-
-    def forward(self, prompt_repr: Tensor) -> Tensor:
-        return self.net(prompt_repr.float()).squeeze(-1)
+        super().__init__(*block(), *block(), nn.Linear(hidden, 1), nn.Flatten(0))
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of x where mask is 1 (over dim, or all); masked-out values, even inf, never leak."""
@@ -180,9 +180,9 @@ def next_token(logits: Tensor, temperature: float,
     tokens = torch.multinomial(logp.exp(), 1, generator=generator)  # (A, 1)
     return tokens.squeeze(-1), logp.gather(-1, tokens).squeeze(-1)
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; fp32 elsewhere (MPS, CPUs)."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast (products in bf16; weights, optimiser, log-softmax fp32) or plain fp32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16")
 
 def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
            eos_ids: list[int], n: int, generator: torch.Generator | None = None) -> Rollouts:
@@ -195,7 +195,7 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
     resp, logp = ids.new_full((N, T), tokenizer.pad_token_id), torch.zeros(N, T, device=device)
     eos, rows = torch.tensor(eos_ids, device=device), torch.arange(N, device=device)  # live rows
     model.eval()
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, cfg.dtype):
         out = model(input_ids=ids, attention_mask=attn, use_cache=True, logits_to_keep=1,
                     position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
         cache = out.past_key_values
@@ -221,7 +221,7 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
 
 # ----------------------------------------------------------------------------- log-probs
 def pack(prompts: list[Tensor], prompt_of: list[int], response_ids: Tensor, lengths: list[int]):
-    """Prompts once, each y_i but its last token: ids, positions (S,), mask (S, S), before, spans"""
+    """Prompts once, each y_i but its last token: ids, positions (S,), bias (S, S), before, spans"""
     ids, positions, part, home, before, span = [], [], [], [], [], {}
     for y, L, j in zip(response_ids, lengths, prompt_of):
         P = len(prompts[j])
@@ -238,7 +238,9 @@ def pack(prompts: list[Tensor], prompt_of: list[int], response_ids: Tensor, leng
     part, home, positions, before = (torch.tensor(v, device=response_ids.device)
                                      for v in (part, home, positions, before))
     visible = ((part == part[:, None]) | (part == home[:, None])).tril()  # own part, own prompt
-    return torch.cat(ids), positions, visible, before, [span[j] for j in prompt_of]
+    # added to the scores (0 or −inf), a float mask reads alike in eager, SDPA and flex attention
+    bias = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, -math.inf)
+    return torch.cat(ids), positions, bias, before, [span[j] for j in prompt_of]
 
 def token_logprobs(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float,
                    chunk: int = 256) -> Tensor:
@@ -249,15 +251,18 @@ def token_logprobs(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: 
                       for hc, yc in zip(h.split(chunk), targets.split(chunk))])
 
 def sequence_logprobs(model: PreTrainedModel, prompts: list[Tensor], prompt_of: list[int],
-                      response_ids: Tensor, response_mask: Tensor,
-                      temperature: float) -> tuple[Tensor, Tensor]:
+                      response_ids: Tensor, response_mask: Tensor, temperature: float,
+                      dtype: str = "float32") -> tuple[Tensor, Tensor]:
     """log π(y_t|x, y_<t) (n, T) at logits / T in one packed forward; log Z's input (n, H)."""
+    if "flash" in str(model.config._attn_implementation):  # it would read the mask as padding
+        die("the packed forward needs eager, sdpa or flex attention: load with one of them")
     mask = response_mask.bool()
-    ids, pos, visible, before, spans = pack(prompts, prompt_of, response_ids, mask.sum(-1).tolist())
-    with autocast(ids.device):
+    ids, pos, bias, before, spans = pack(prompts, prompt_of, response_ids, mask.sum(-1).tolist())
+    with autocast(ids.device, dtype):
         h = model.base_model(input_ids=ids[None], position_ids=pos[None],
-                             attention_mask=visible[None, None]).last_hidden_state[0].float()
-    flat = token_logprobs(model.get_output_embeddings(), h[before], response_ids[mask], temperature)
+                             attention_mask=bias[None, None]).last_hidden_state[0].float()
+        flat = token_logprobs(model.get_output_embeddings(), h[before], response_ids[mask],
+                              temperature)
     logp = torch.zeros(mask.shape, device=flat.device).masked_scatter(mask, flat)
     return logp, torch.stack([h[a:b].mean(0) for a, b in spans])
 
@@ -277,7 +282,8 @@ def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> Tensor:
     """Per-token log-probs (N, T) of the rollouts under a model, without a graph."""
     model.eval()
     return torch.cat([sequence_logprobs(model, r.prompts, (rows // cfg.group_size).tolist(),
-                                        r.response_ids[rows], r.mask[rows], cfg.temperature)[0]
+                                        r.response_ids[rows], r.mask[rows], cfg.temperature,
+                                        cfg.dtype)[0]
                       for rows in micro_batches(torch.arange(len(r.mask)), r, cfg)])
 
 def reference_logprobs(model: PreTrainedModel, ref: PreTrainedModel | None, r: Rollouts,
@@ -336,9 +342,9 @@ def extract_answer(text: str) -> Fraction | None:
     return parse_number((NUMBER.findall(text) or [""])[-1])
 
 def math_reward(completion: str, answer: str) -> float:
-    """r(x, y): 1.0 if the final answer equals the reference numerically, else 0.0."""
+    """r(x, y): 1.0 if the final answers of completion and reference are equal, else 0.0."""
     got = extract_answer(completion)
-    return float(got is not None and got == parse_number(answer))
+    return float(got is not None and got == extract_answer(str(answer)))
 
 def score_completions(reward_fn: RewardFn, completions: list[str], answers: list[str]) -> Tensor:
     """Rewards (N,); a reward function that fails or returns a non-finite number scores 0."""
@@ -377,12 +383,14 @@ def update(cfg: Config, model: PreTrainedModel, logz: LogZ | None, opt, sched, r
     """--mini-batches optimiser steps on a rollout batch; old_logp None: π_old = π_θ detached."""
     mask, n, G, stats = r.mask, cfg.mini_batches, cfg.group_size, {}
     params = [p for g in opt.param_groups for p in g["params"]]
-    group_z = group_log_z(r.sample_logp, ref_logp, mask, adv, G, cfg.beta, cfg.length_norm)
+    old = r.sample_logp if old_logp is None else old_logp  # π_old for the closed-form log Z
+    group_z = group_log_z(old, ref_logp, mask, adv, G, cfg.beta, cfg.length_norm)
     model.train()
-    for mb in (torch.randperm(len(adv)) if n > 1 else torch.arange(len(adv))).chunk(n):
+    for mb in (torch.randperm(len(adv)) if n > 1 else torch.arange(len(adv))).tensor_split(n):
         for mi in micro_batches(mb, r, cfg):
             logp, prompt_repr = sequence_logprobs(model, r.prompts, (mi // G).tolist(),
-                                                  r.response_ids[mi], mask[mi], cfg.temperature)
+                                                  r.response_ids[mi], mask[mi], cfg.temperature,
+                                                  cfg.dtype)
             old, ref = (logp.detach() if old_logp is None else old_logp[mi]), ref_logp[mi]
             if cfg.algo == "grpo":
                 loss, st = grpo_loss(logp, old, ref, mask[mi], adv[mi], kl_coef=cfg.kl_coef)
@@ -411,6 +419,9 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
           ref: PreTrainedModel | None = None, state: dict | None = None) -> list[dict]:
     """The loop; SIGINT/SIGTERM: finish the step, save, exit 128 + signal (twice: exit at once)."""
     device, G = model.device, cfg.group_size
+    dtype, why = pick_dtype(cfg.dtype, device)
+    cfg = replace(cfg, dtype=dtype)  # what the run computes in (and saves for --resume)
+    tqdm.write(f"{cfg.algo} on {device.type} in {dtype} ({why})", sys.stderr)
     ref = copy.deepcopy(model) if ref is None and not cfg.lora_r else ref  # LoRA: adapters off
     ref = None if ref is None else ref.eval().requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # own seed: GRPO and FlowRL sample alike
@@ -418,6 +429,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         mlp = cfg.algo == "flowrl" and cfg.log_z == "mlp"
         logz = LogZ(model.config.hidden_size).to(device) if mlp else None
     opt, sched = make_optimizer(cfg, model, logz)
+    opt.zero_grad()  # gradients the model came with (a warm start's) stay out of step 1
     if cfg.grad_ckpt:  # layers recompute their activations in the backward pass
         model.activation_checkpointing_enable({"use_reentrant": False})
     eos_ids = eos_token_ids(model, tokenizer)
@@ -426,8 +438,9 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
     if state is not None:
         for name in parts.keys() & state.keys():  # log Z_φ only where the run has one
             parts[name].load_state_dict(state[name])
-        torch.set_rng_state(state["rng"][0])
-        torch.cuda.set_rng_state_all(state["rng"][1])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type in state["rng"] and device.type != "cpu":  # CUDA's or MPS's generator
+            torch.get_device_module(device).set_rng_state(state["rng"][device.type])
         done = state["step"]
         with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
             history = [m for m in map(json.loads, f) if m["step"] <= done]
@@ -451,7 +464,9 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
             adv = group_normalize(rewards, G).to(device)  # r̂ (N,)
             t1 = time.perf_counter()
             ref_logp = reference_logprobs(model, ref, r, cfg)
-            old_logp = score(model, r, cfg) if cfg.mini_batches > 1 else None
+            old_logp = None  # π_old = π_θ: the sampler's log-probs where they agree (fp32)
+            if cfg.mini_batches > 1 or (cfg.log_z == "group" and dtype == "bfloat16"):
+                old_logp = score(model, r, cfg)
             t2 = time.perf_counter()
             stats = update(cfg, model, logz, opt, sched, r, adv, ref_logp, old_logp)
             lens = r.mask.sum(-1)
@@ -465,8 +480,13 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
             m |= on_step(step, model) if on_step else {}
             history.append(m)
             os.makedirs(cfg.out, exist_ok=True)  # only once a step is done
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:
+            if step == done + 1 and state is None:  # --overwrite: the old run is gone
+                for old in ("checkpoint", "checkpoint.old"):
+                    shutil.rmtree(os.path.join(cfg.out, old), ignore_errors=True)
+            metrics = os.path.join(cfg.out, "metrics.jsonl")
+            with open(metrics + ".tmp", "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
+            os.replace(metrics + ".tmp", metrics)  # a stop mid-write keeps the last whole file
             if stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(cfg, model, tokenizer, parts, step)
             if stop:
@@ -506,8 +526,11 @@ def summarize(history: list[dict], device: torch.device) -> str:
     timed = steps[1:] or steps  # step 1 pays one-off warm-up costs
     med = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "ref_s", "update_s")}
     tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB on Linux
+    # ru_maxrss counts KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(30 if sys.platform == "darwin"
+                                                                     else 20)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
     evals = "  ".join(f"{k[5:]} {v:.3f}" for k, v in history[-1].items() if k[:5] == "eval_")
     return (f"reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f} (steps "
             f"{steps[0]['step']}-{steps[-1]['step']}); held-out at step {history[-1]['step']}: "
@@ -542,39 +565,50 @@ def die(msg: str):
     """One clear line on stderr, exit status 1, no traceback."""
     raise SystemExit(f"error: {msg}")
 
-def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    """A flag per Config field; `defaults` replaces Config's defaults; errors go through die."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def first_line(e: Exception) -> str:
+    """A library's error, whole but for its further lines."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
+    """Flags into a checked Config; with --resume the saved one, but for --out and --steps."""
+    defaults = defaults or {}
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS)  # given flags only
     p.error = lambda message: die(f"{message}; see --help")
     choices = {"algo": ["flowrl", "grpo"], "log_z": ["mlp", "group"],
-               "device": ["cuda", "mps", "cpu"]}
+               "device": ["cuda", "mps", "cpu"], "dtype": ["auto", "float32", "bfloat16"]}
     for f in fields(Config):
         kw = ({"action": argparse.BooleanOptionalAction} if f.type is bool
               else {"type": f.type, "choices": choices.get(f.name)})
-        p.add_argument("--" + f.name.replace("_", "-"), default=defaults.get(f.name, f.default),
-                       help=f.metadata["help"], **kw)
-    return p
-
-def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
-    """Flags into a checked Config; with --resume the saved one, but for --steps (as nanoGPT)."""
-    cfg = Config(**vars(build_parser(defaults or {}).parse_args(argv)))
+        shown = f.metadata["help"]
+        if "(default:" not in shown:
+            shown += f" (default: {defaults.get(f.name, f.default)})"
+        p.add_argument("--" + f.name.replace("_", "-"), help=shown, **kw)
+    given = vars(p.parse_args(argv))
+    cfg = Config(**defaults | given)
     if cfg.resume:
-        saved = os.path.join(cfg.out, "checkpoint", "trainer_state.pt")
-        given = build_parser({f.name: argparse.SUPPRESS for f in fields(Config)}).parse_args(argv)
-        if not os.path.isfile(saved) or set(vars(given)) - {"resume", "out", "steps"}:
-            die(f"--resume continues the run saved in {saved} with its own flags (only --steps "
-                "may change); start a new run without --resume, or drop the other flags")
-        cfg = Config(**{**torch.load(saved, weights_only=True, mmap=True)["config"],
-                        "resume": True, "steps": cfg.steps})
+        saved = os.path.join(checkpoint_dir(cfg.out), "trainer_state.pt")
+        if not os.path.isfile(saved):
+            die(f"--resume: no run found in --out {cfg.out} (no {saved}); start one without it")
+        if other := sorted(given.keys() - {"resume", "out", "steps"}):
+            die(f"--resume continues the run in {cfg.out} with its own flags; only --steps may "
+                f"change: drop --{' --'.join(other)}".replace("_", "-"))
+        saved = torch.load(saved, "cpu", weights_only=True, mmap=True)["config"]
+        cfg = Config(**saved | {"resume": True, "steps": cfg.steps, "out": cfg.out})
     if cfg.lr is None:
         cfg.lr = LORA_LR if cfg.lora_r else 1e-6
     cfg.logz_lr, cfg.lora_alpha = cfg.logz_lr or cfg.lr, cfg.lora_alpha or 2.0 * cfg.lora_r
-    positive = [cfg.steps, cfg.prompts, cfg.max_new_tokens, cfg.mini_batches, cfg.micro_tokens,
-                cfg.eval_k, cfg.eval_prompts, cfg.lr, cfg.logz_lr, cfg.temperature]
-    if cfg.group_size < 2 or min(positive) <= 0 or min(cfg.lora_r, cfg.save_every) < 0:
-        die("--group-size must be at least 2, the sizes, --lr, --logz-lr and --temperature "
-            "positive, --lora-r and --save-every at least 0")
+    least = {"group_size": 2, "lora_r": 0, "save_every": 0, "eval_every": 0, "steps": 1,
+             "prompts": 1, "max_new_tokens": 1, "mini_batches": 1, "micro_tokens": 1, "eval_k": 1,
+             "eval_prompts": 1, "lr": 0, "logz_lr": 0, "temperature": 0}
+    for name, low in least.items():
+        value = getattr(cfg, name)
+        if not value >= low or (isinstance(value, float) and value == 0):  # NaN fails >= too
+            die(f"--{name.replace('_', '-')} {value}: must be "
+                + ("positive" if isinstance(value, float) else f"at least {low}"))
+    if cfg.mini_batches > cfg.prompts * cfg.group_size:
+        die(f"--mini-batches {cfg.mini_batches}: more than the {cfg.prompts * cfg.group_size} "
+            "responses of a batch (--prompts × --group-size)")
     if os.path.isfile(cfg.out) or (os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
                                    and not (cfg.overwrite or cfg.resume or cfg.check_batch)):
         die(f"--out {cfg.out} is a file or holds a run; pass another --out, --overwrite, --resume")
@@ -585,23 +619,37 @@ def pick_device(name: str) -> torch.device:
     found = [d for d, m in [("cuda", torch.cuda), ("mps", torch.backends.mps)] if m.is_available()]
     return torch.device(name or (found + ["cpu"])[0])
 
+def pick_dtype(name: str, device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
+    """--dtype and why; auto: bf16 where the device runs it natively (CUDA compute capability 8.0
+    and up; a CPU that Linux lists with avx512_bf16 or amx_bf16), else fp32 (MPS: unmeasured)."""
+    if name != "auto":
+        return name, "as set"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "bfloat16", "auto: this GPU runs bf16 natively"
+    flags = pathlib.Path(cpuinfo).read_text() if os.path.isfile(cpuinfo) else ""
+    if device.type == "cpu" and re.search(r"\b(avx512_bf16|amx_bf16)\b", flags):
+        return "bfloat16", "auto: this CPU runs bf16 natively"
+    return "float32", f"auto: no native bf16 found on this {device.type}"
+
 # ----------------------------------------------------------------------------- models, files
 def load_model(name: str) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    """π_θ (fp32, no dropout) and tokenizer: a directory, the cache, or the hub if it answers."""
+    """π_θ (fp32, no dropout), tokenizer: a directory, or a hub id (HF_ENDPOINT, proxies, cache)."""
     path = os.path.expanduser(name)
-    offline = os.path.isdir(path)
-    repo = path if offline or "/" in name else f"Qwen/{name}"  # bare Qwen2.5-0.5B: Qwen/...
-    try:
-        socket.create_connection(("huggingface.co", 443), 3.0).close()
-    except OSError:
-        offline = True
+    offline = os.path.isdir(path) or huggingface_hub.is_offline_mode()
+    repo = path if os.path.isdir(path) or "/" in name else f"Qwen/{name}"  # Qwen2.5-0.5B: Qwen/…
+    if not offline:  # no answer in 5 s: the cache alone, rather than a minute of retries
+        try:
+            huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=5)
+        except Exception:  # noqa: BLE001 -- any network failure means the same here
+            offline = True
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(repo, local_files_only=offline,
                                                                padding_side="left")
         model = transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32,
                                                                   local_files_only=offline)
     except (OSError, ValueError) as e:
-        die(f"--model {name}: cannot load {repo} ({e!r:.99}); offline: python toy_tasks.py train")
+        die(f"--model {name}: cannot load {repo}: {first_line(e)} (offline: python toy_tasks.py "
+            "train)")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     for m in model.modules():  # RL runs without dropout: sampled and trained log-probs agree
         if isinstance(m, nn.Dropout):
@@ -618,43 +666,68 @@ def add_lora(model: PreTrainedModel, r: int, alpha: float) -> PreTrainedModel:
     return model
 
 def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
-    """Every token that ends a response: the tokenizer's EOS and the generation config's."""
+    """Every token that ends a response: the tokenizer's EOS, the generation config's, and the
+    chat template's end of an assistant turn (Qwen2.5 base: <|endoftext|> and <|im_end|>)."""
     ids = model.generation_config.eos_token_id
-    return sorted({tokenizer.eos_token_id, *([ids] if isinstance(ids, int) else ids or [])})
+    ends = {tokenizer.eos_token_id, *([ids] if isinstance(ids, int) else ids or [])}
+    if tokenizer.chat_template:
+        turn = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "FLOWRL"}]
+        after = tokenizer.apply_chat_template(turn, tokenize=False).split("FLOWRL")[-1]
+        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        ends |= {t for t in first if getattr(tokenizer.added_tokens_decoder.get(t), "special", 0)}
+    return sorted(ends)
 
 def load_file_dataset(path: str, seed: int) -> tuple[Dataset, Dataset]:
     """Train and held-out rows (a fifth, ≤ 100) of a file with question and answer columns."""
-    suffix = path.rsplit(".", 1)[-1]
-    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(suffix)
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(
+        path.rsplit(".", 1)[-1])
     if builder is None or not os.path.isfile(path):
         die(f"--dataset {path}: no such .jsonl, .json, .csv or .parquet file (or use arith)")
     try:
         ds = load_dataset(builder, data_files=path, split="train")
-        ds = ds.map(lambda r: {"question": str(r["question"]), "answer": str(r["answer"])})
     except Exception as e:  # noqa: BLE001 -- any reader error: one line naming the file
-        die(f"--dataset {path}: cannot read {builder} question and answer columns ({e!r:.150})")
+        die(f"--dataset {path}: cannot read it as {builder}: {first_line(e)}")
+    if missing := {"question", "answer"} - set(ds.column_names):
+        die(f"--dataset {path}: no column {', '.join(sorted(missing))} (found: "
+            f"{', '.join(ds.column_names)}); rename the columns to question and answer")
+    # strings, whatever the file held (a column of integers stays int in a map)
+    ds = Dataset.from_dict({k: [str(v) for v in ds[k]] for k in ("question", "answer")})
+    bad = [a for a in ds["answer"] if extract_answer(a) is None]
+    if len(bad) > len(ds) / 2:
+        die(f"--dataset {path}: {len(bad)} of {len(ds)} answers hold no number (e.g. "
+            f"{bad[0][-60:]!r}); math_reward needs a number, '#### N' or \\boxed{{N}} at the end")
     if len(ds) < 5:
         return ds, ds
     split = ds.train_test_split(test_size=min(100, len(ds) // 5), seed=seed)
     return split["train"], split["test"]
 
 def save_checkpoint(cfg: Config, model: PreTrainedModel, tokenizer, parts: dict, step: int) -> None:
-    """<out>/checkpoint (weights or LoRA adapters, tokenizer, trainer state), written whole."""
+    """<out>/checkpoint (weights or adapters, tokenizer, trainer state), renamed into place."""
     final = os.path.join(cfg.out, "checkpoint")
     shutil.rmtree(final + ".tmp", ignore_errors=True)
     model.save_pretrained(final + ".tmp")
     tokenizer.save_pretrained(final + ".tmp")
+    rng = {"cpu": torch.get_rng_state()}
+    if model.device.type != "cpu":
+        rng[model.device.type] = torch.get_device_module(model.device).get_rng_state()
     state = {k: v.state_dict() for k, v in parts.items() if v is not None}
-    state |= {"config": asdict(cfg), "step": step,
-              "rng": (torch.get_rng_state(), torch.cuda.get_rng_state_all())}
+    state |= {"config": asdict(cfg), "step": step, "rng": rng}
     torch.save(state, os.path.join(final + ".tmp", "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
+    if os.path.isdir(final):
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        os.replace(final, final + ".old")
     os.replace(final + ".tmp", final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+def checkpoint_dir(out: str) -> str:
+    """The run's last whole checkpoint: <out>/checkpoint, or .old if a stop fell between renames."""
+    final = os.path.join(out, "checkpoint")
+    return final + ".old" if os.path.isdir(final + ".old") and not os.path.isdir(final) else final
 
 def load_checkpoint(cfg: Config, model: PreTrainedModel):
     """--resume: (policy from <out>/checkpoint, π_ref = model as loaded or None, trainer state)."""
-    ckpt = os.path.join(cfg.out, "checkpoint")
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    ckpt = checkpoint_dir(cfg.out)
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), "cpu", weights_only=True)
     if cfg.lora_r:
         model.load_adapter(ckpt, adapter_name="default", is_trainable=True)
         return model, None, state

@@ -66,7 +66,8 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # flowrl_min's defaults for the tiny model: it trains fast, at a large learning rate
 TINY = {"model": "tiny", "dataset": "modes", "steps": 200, "lr": 3e-4, "logz_lr": 1e-2,
-        "max_new_tokens": 4, "grad_ckpt": False}
+        "max_new_tokens": 4, "grad_ckpt": False,
+        "dtype": "float32"}  # fp32 pinned: the exact tables reproduce on any CPU
 
 def question(m: int, r: int) -> str:
     return f"Name a two-digit number that leaves remainder {r} when divided by {m}."
@@ -402,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     flags = ["--steps", str(args.steps), "--group-size", str(args.group_size), "--lr",
-             str(args.lr), "--lora-r", str(args.lora_r), "--max-new-tokens", "4"]
+             str(args.lr), "--lora-r", str(args.lora_r), "--max-new-tokens", "4", "--dtype",
+             "float32"]
     # the tiny model packs all 64 rollouts in one forward; a real model keeps the trainer's
     # default, and moves within a few steps: exact metrics every 5 steps, not 10
     every = 5
