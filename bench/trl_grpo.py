@@ -4,7 +4,9 @@ dependency: install it in a virtual environment of its own that shares this one'
 from the checkout root so that flowrl_min imports:
 
     python -m venv --system-site-packages /tmp/trl-venv && /tmp/trl-venv/bin/pip install trl==1.16.0
-    /tmp/trl-venv/bin/python bench/trl_grpo.py MODEL_DIR STEPS [MAX_NEW_TOKENS] [LORA_R]
+    /tmp/trl-venv/bin/python bench/trl_grpo.py MODEL_DIR STEPS [MAX_NEW_TOKENS] [LORA_R] [BF16]
+
+BF16 1: TRL's bf16=True (torch's CPU autocast), as flowrl_min's --dtype bfloat16.
 
 Prints the median step of steps 2+ (step 1 allocates AdamW's moments) and the peak RSS.
 """
@@ -38,12 +40,13 @@ def reward(completions, answer, **kw) -> list[float]:
     return [fm.math_reward(c[0]["content"], a) for c, a in zip(completions, answer)]
 
 
-def main(model: str, steps: int, max_new_tokens: int = 128, lora_r: int = 0) -> None:
+def main(model: str, steps: int, max_new_tokens: int = 128, lora_r: int = 0,
+         bf16: int = 0) -> None:
     question = lambda r: {"prompt": [{"role": "user",
                                       "content": r["question"] + fm.MATH_INSTRUCTION}]}
     data = fm.arith_dataset(5000, 0).map(question)
     # flowrl_min's defaults: 4 prompts x 8 responses, lr 1e-6 (2e-5 with LoRA), KL 0.001
-    args = GRPOConfig(output_dir="/tmp/trl_out", use_cpu=True, bf16=False, max_steps=steps,
+    args = GRPOConfig(output_dir="/tmp/trl_out", use_cpu=True, bf16=bool(bf16), max_steps=steps,
                       learning_rate=2e-5 if lora_r else 1e-6, per_device_train_batch_size=32,
                       num_generations=8, gradient_accumulation_steps=1, beta=0.001,
                       max_completion_length=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
@@ -62,4 +65,4 @@ def main(model: str, steps: int, max_new_tokens: int = 128, lora_r: int = 0) -> 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:5]))
+    main(sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:6]))
