@@ -126,10 +126,9 @@ def test_flowrl_loss_by_hand_with_a_detached_clipped_weight_and_check_batch(tmp_
     assert loss.item() == pytest.approx((w0 * d0**2 + w1 * d1**2) / 2, rel=1e-6)
     assert stats["w"] == pytest.approx((w0 + w1) / 2, rel=1e-6)
     assert stats["log_z"] == pytest.approx(0.1) and stats["log_reward"] == pytest.approx(0.0)
-    shared = fm.logprob_stats(logp, old, ref, mask)
+    st = fm.logprob_stats(logp, old, ref, mask)
     kl_terms = (-1.5 + 1.0) + (-1.0 + 2.0) + (-0.7 + 0.5) + (-0.6 + 0.2) + (-0.2 + 0.4)
-    assert shared["ref_kl"] == pytest.approx(kl_terms / 5)
-    assert shared["logp"] == pytest.approx((-1.0 - 2.0 - 0.5 - 0.2 - 0.4) / 5)
+    assert st["ref_kl"] == pytest.approx(kl_terms / 5) and st["logp"] == pytest.approx(-0.82)
     loss, _ = fm.flowrl_loss(logp, logp, ref, mask, log_z, adv, beta=1.0, length_norm=False)
     d = log_z + (logp * mask).sum(-1) - adv - (ref * mask).sum(-1)  # token sums
     assert loss.item() == pytest.approx(d.pow(2).mean().item(), rel=1e-6)
@@ -710,10 +709,9 @@ def test_lora_reference_is_the_base_only_adapters_move_and_peft_reloads_the_chec
     (["--lr", "0"], "--lr 0.0: must be positive"),
     (["--temperature", "nan"], "--temperature nan: must be positive"),
     (["--mini-batches", "33"], "--mini-batches 33: more than the 32 responses"),
-    (["--step", "3"], "unrecognized arguments: --step 3"),  # never an abbreviation
+    (["--step", "3"], "unrecognized arguments: --step 3; see --help"),  # not an abbreviation
     (["--algo", "ppo"], "argument --algo: invalid choice: 'ppo'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-    (["--stpes", "3"], "unrecognized arguments: --stpes 3; see --help"),
     (["--lora-r", "-1"], "--lora-r -1: must be at least 0"),
     (["--model", "./no/such/model"], "--model ./no/such/model: cannot load"),
     (["--model", "no-such-org/no-such-model-xyz"], "python toy_tasks.py train"),
@@ -888,13 +886,15 @@ def test_mode_metrics_fixed_point_and_flowrl_keeping_more_modes_than_grpo(tiny, 
     assert low["predicted_short_share"] == pytest.approx(2 / (2 + 18 * math.e), rel=1e-5)
     assert at(rhat - 1.0, True)["predicted_short_share"] == pytest.approx(0.1)  # token sums: p*
     # 60 steps: modes 18 of 18 against GRPO's 10, KL 0.19 against 0.41 (120 steps: 18 and 4)
-    s = tt.main(["--seeds", "1", "--steps", "60", "--plot", "fig.png", "--json", "res.json"])
+    s = tt.main(["--seeds", "1", "--steps", "60"])  # written to toy_out/toy_modes.{png,json}
     assert s["flowrl"]["modes_covered"] > s["grpo"]["modes_covered"]
     assert s["flowrl"]["kl_target"] < s["grpo"]["kl_target"]
     assert min(s["flowrl"]["accuracy"], s["grpo"]["accuracy"]) > s["ref"]["accuracy"]
-    saved = json.loads((tmp_path / "res.json").read_text())
-    assert {"accuracy", "modes_covered", "kl_target", "entropy"} <= set(saved["flowrl"])
-    assert os.path.getsize("fig.png") > 10_000
+    saved = json.loads((tmp_path / "toy_out" / "toy_modes.json").read_text())
+    assert {"accuracy", "modes_covered", "kl_target", "entropy", "stopped"} <= set(saved["flowrl"])
+    assert os.path.getsize("toy_out/toy_modes.png") > 10_000
+    assert tt.parse_toy_args(["--task", "graded", "--beta", "15"])[0].json == (
+        "toy_out/toy_graded_beta15.json")  # each β of exercise 1 keeps its own
 
 
 def test_numbers_and_lengths_tasks_answers_rewards_and_exact_logprobs(tiny):

@@ -10,7 +10,6 @@ weights with flowrl_min's own trainer, and we compare each policy with FlowRL's 
 (exp(β·r̂)·π_ref restricted to the reward's support: every correct answer has the same r̂).
 
     python toy_tasks.py                   # 3 seeds: table, histograms, toy_modes.png, .json
-    python toy_tasks.py --seeds 1 --steps 60
     python toy_tasks.py train             # one flowrl_min run on the tiny model, offline, ~10 s
     python toy_tasks.py train --algo grpo # any flowrl_min flag works after `train`
     python toy_tasks.py --task numbers --model DIR   # the same on a pretrained chat model
@@ -114,33 +113,26 @@ def graded_reward(completion: str, answer: str) -> float:
     return modes_reward(completion, answer) * (1.0 if completion.strip().endswith("8") else 0.5)
 
 def numbers_reward(completion: str, answer: str) -> float:
-    """1.0 when the response is exactly one of the correct strings (answer: '11,13,...'), else
-    0.0: strict about the format, so every rewarded response lies in NUMBER_SPACE."""
+    """1.0 for exactly one of the correct strings (answer: '11,13,...'): strict, in NUMBER_SPACE."""
     return float(completion in answer.split(","))
 
 def task_prompts(task: str) -> list[tuple[str, list[str], list[bool]]]:
     """Each prompt of a task: its question, the answer space, and which answers are correct."""
     if task == "numbers":
-        out = []
-        for q, rule in NUMBER_RULES.items():
-            correct = [len(a) == 2 and rule(int(a)) for a in NUMBER_SPACE]
-            out.append((q + REPLY, NUMBER_SPACE, correct))
-        return out
+        return [(q + REPLY, NUMBER_SPACE, [len(a) == 2 and rule(int(a)) for a in NUMBER_SPACE])
+                for q, rule in NUMBER_RULES.items()]
     if task == "lengths":
         return [(LENGTHS, NUMBER_SPACE, [int(a) % 5 == 3 for a in NUMBER_SPACE])]
     return [(question(m, r), ANSWERS, correct_set(f"{m}:{r}")) for m, r in PROMPTS]
 
 def make_task(name: str) -> tuple[Dataset, Dataset, fm.RewardFn]:
     """The task's prompts (train = held-out: the point is the distribution per prompt), reward."""
-    if name in ("numbers", "lengths"):
-        prompts = task_prompts(name)
-        fields = [",".join(a for a, ok in zip(space, correct) if ok)
-                  for _, space, correct in prompts]
-        ds = Dataset.from_dict({"question": [q for q, _, _ in prompts], "answer": fields})
-        return ds, ds, numbers_reward
-    ds = Dataset.from_dict({"question": [question(m, r) for m, r in PROMPTS],
-                            "answer": [f"{m}:{r}" for m, r in PROMPTS]})
-    return ds, ds, {"modes": modes_reward, "graded": graded_reward}[name]
+    prompts = task_prompts(name)
+    answers = [",".join(a for a, ok in zip(space, correct) if ok) for _, space, correct in prompts]
+    if name in ("modes", "graded"):  # their rewards read 'm:r'
+        answers = [f"{m}:{r}" for m, r in PROMPTS]
+    ds = Dataset.from_dict({"question": [q for q, _, _ in prompts], "answer": answers})
+    return ds, ds, {"modes": modes_reward, "graded": graded_reward}.get(name, numbers_reward)
 
 def answer_batch(tokenizer, q: str, space: list[str] = ANSWERS) -> tuple[torch.Tensor, ...]:
     """The prompt's ids (P,), and every answer + EOS right-padded: ids and mask (A, T)."""
@@ -225,8 +217,7 @@ def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3,
         opt.step()
 
 def initial_model(name: str, seed: int, task: str = "modes"):
-    """π_ref and its tokenizer, on the GPU if there is one: the tiny model warm-started on the
-    answer format, or a pretrained one."""
+    """π_ref, tokenizer, on the GPU if any: the tiny model warm-started, or a pretrained one."""
     device = fm.pick_device("")
     if name != "tiny":
         model, tokenizer = fm.load_model(name)
@@ -238,8 +229,7 @@ def initial_model(name: str, seed: int, task: str = "modes"):
     return model, tokenizer
 
 def load_tiny(cfg: fm.Config) -> tuple:
-    """flowrl_min.main's loader for `python toy_tasks.py train`: the warm-started tiny model and
-    a toy task."""
+    """flowrl_min.main's loader for `toy_tasks.py train`: the warm-started tiny model, a task."""
     if cfg.model != "tiny" or cfg.dataset not in ("modes", "graded", "lengths"):
         fm.die("toy_tasks.py train runs the tiny model on --dataset modes, graded or lengths; "
                "for a pretrained model or another dataset use python flowrl_min.py")
@@ -261,12 +251,10 @@ def run(task: str, algo: str, model, tokenizer, ref_logps: list[torch.Tensor], s
     if cfg.lora_r:
         fm.add_lora(model, cfg.lora_r, cfg.lora_alpha)
     train_ds, eval_ds, reward_fn = make_task(task)
-
     def track(step: int, policy) -> dict:
         if step % every == 0 or step == cfg.steps:
             return task_metrics(task_logprobs(policy, tokenizer, task), ref_logps, task)
         return {}
-
     torch.manual_seed(seed)
     history = fm.train(cfg, model, tokenizer, train_ds, eval_ds, reward_fn, on_step=track)
     return [{"step": 0, **task_metrics(ref_logps, ref_logps, task)}] + history
@@ -287,6 +275,15 @@ def fixed_point(history: list[dict], ref_logp: torch.Tensor, tokenizer, group_si
     kappa = beta * math.sqrt((1 - p) / p * (group_size - 1) / group_size) - log_z
     target = (ref_logp + tokens * kappa).masked_fill(~correct, -math.inf).softmax(0)
     return {"log_z": log_z, "kappa": kappa, "predicted_short_share": target[short].sum().item()}
+
+def stopped(runs: list[list[dict]], key: str) -> dict:
+    """The rule for a converged run: the seeds' mean of `key` changed over the last 20% of the
+    steps by less than the spread (pstdev) between the seeds' final values."""
+    rows = [[m for m in run if key in m] for run in runs]
+    mean = [statistics.mean(m[key] for m in at) for at in zip(*rows)]
+    first = next(i for i, m in enumerate(rows[0]) if m["step"] >= 0.8 * rows[0][-1]["step"])
+    change, spread = abs(mean[-1] - mean[first]), statistics.pstdev(r[-1][key] for r in rows)
+    return {"key": key, "change": change, "spread": spread, "stopped": change < spread}
 
 def histogram(dists: dict[str, torch.Tensor], space: list[str], width: int = 30) -> str:
     """A terminal histogram of answer distributions side by side, a row per answer any holds."""
@@ -330,6 +327,11 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
             per_seed = [[m[key] for m in run if "kl_target" in m] for run in runs]
             mean = [statistics.mean(v) for v in zip(*per_seed)]
             ax[k].plot(steps, mean, label=label[algo], color=color[algo], linewidth=2)
+        pred = [[m for m in run if "predicted_short_share" in m] for run in runs]
+        if middle == "short_share" and pred[0] and algo != "flowrl-sum":  # its own = p*
+            mean = [statistics.mean(m["predicted_short_share"] for m in at) for at in zip(*pred)]
+            ax[1].plot([m["step"] for m in pred[0]], mean, color=color[algo], ls=":",
+                       label=f"{label[algo]}: δ = 0 predicts")
     # the curves count the modes of every prompt of the task; the bars show the first prompt only
     n_modes = next(iter(curves.values()))[0][0]["n_modes"]
     ax[1].set(title=f"modes covered (of {n_modes}, all prompts), mean over seeds",
@@ -360,30 +362,30 @@ def parse_toy_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The toy's flags; any other flag goes to FlowRL's run (e.g. --no-length-norm)."""
     p = argparse.ArgumentParser(description="FlowRL vs GRPO on a toy multimodal reward, exact "
                                 "metrics (`train`: one flowrl_min run on the tiny model instead)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                allow_abbrev=False)
     p.add_argument("--task", default="modes", choices=["modes", "graded", "lengths", "numbers"],
                    help="modes: 18 equally correct answers; graded: correct answers of two "
                         "reward levels; lengths: correct answers of 1 and 2 digits; numbers: four "
-                        "questions for a pretrained chat model")
-    p.add_argument("--model", default="tiny",
-                   help="'tiny' (random, warm-started here) or a pretrained chat model")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: mean and spread")
+                        "questions for a pretrained chat model (default: modes)")
+    p.add_argument("--model", default="tiny", help="'tiny' (random, warm-started here) or a "
+                   "pretrained chat model (default: tiny)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: mean and spread "
+                   "(default: 3)")
     p.add_argument("--steps", type=int, help="rollout batches per run (default: 200; 40 for "
                    "--model)")
     p.add_argument("--beta", type=float, default=1.0,
-                   help="FlowRL's β (README: why 1, not the paper's 15, here)")
+                   help="FlowRL's β (README: why 1, not the paper's 15, here) (default: 1.0)")
     p.add_argument("--group-size", type=int, help="G: samples per prompt (default: 16; 8 for "
                    "--model)")
     p.add_argument("--lr", type=float, help="learning rate of both (default: 3e-4; 3e-5 for "
                    "--model)")
     p.add_argument("--lora-r", type=int, help="LoRA rank for both, 0: full fine-tuning "
                    "(default: 0; 16 for --model)")
-    p.add_argument("--plot", default="toy_out/toy_modes.png",
-                   help="the figure ('' for none; the README's copy: --plot toy_modes.png)")
-    p.add_argument("--json", default="toy_out/toy_modes.json",
-                   help="the results ('' for none; the README's copy: --json toy_modes.json)")
+    p.add_argument("--plot", help="the figure ('' for none; default: toy_out/toy_TASK.png, "
+                   "on graded toy_out/toy_graded_betaB.png)")
+    p.add_argument("--json", help="the results ('' for none; default: as --plot, .json)")
     p.add_argument("--algos", default="grpo,flowrl", help="which to train, comma-separated, of "
-                   + ", ".join(VARIANTS))
+                   + ", ".join(VARIANTS) + " (default: grpo,flowrl)")
     args, flowrl_flags = p.parse_known_args(argv)
     if set(args.algos.split(",")) - set(VARIANTS):
         fm.die(f"--algos {args.algos}: choose from {', '.join(VARIANTS)}")
@@ -393,6 +395,10 @@ def parse_toy_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for name, (tiny, pretrained) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.model == "tiny" else pretrained)
+    # named after the task (and β where it changes the target): runs never overwrite each other
+    stem = f"toy_out/toy_{args.task}" + (f"_beta{args.beta:g}" if args.task == "graded" else "")
+    args.plot = stem + ".png" if args.plot is None else args.plot
+    args.json = stem + ".json" if args.json is None else args.json
     return args, flowrl_flags
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:
@@ -407,9 +413,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
              "float32"]
     # the tiny model packs all 64 rollouts in one forward; a real model keeps the trainer's
     # default, and moves within a few steps: exact metrics every 5 steps, not 10
-    every = 5
-    if args.model == "tiny":
-        every = 10
+    every = 10 if args.model == "tiny" else 5
     curves: dict[str, list[list[dict]]] = {a: [] for a in args.algos.split(",")}
     q0, space, correct0 = task_prompts(args.task)[0]
     correct0 = torch.tensor(correct0)
@@ -432,14 +436,18 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
             runs.append(run(args.task, algo, policy, tokenizer, ref_logps, seed, flags + extra,
                             every, args.model))
             walls[algo].append(time.perf_counter() - start)
-            if args.task == "lengths" and algo != "grpo":
-                runs[-1][-1] |= fixed_point(runs[-1], ref_logps[0], tokenizer, args.group_size,
-                                            args.beta, algo == "flowrl-sum")
+            for i, m in enumerate(runs[-1]):  # δ = 0's prediction every 50 steps, from the run
+                last = i == len(runs[-1]) - 1  # so far
+                if args.task == "lengths" and algo != "grpo" and m["step"] and (m["step"] % 50 == 0
+                                                                                 or last):
+                    m |= fixed_point(runs[-1][:i + 1], ref_logps[0], tokenizer, args.group_size,
+                                     args.beta, algo == "flowrl-sum")
             if seed == 0:
                 dists[algo] = answer_logprobs(policy, tokenizer, q0, space).exp()
             del policy
     final = {algo: [run[-1] for run in runs] for algo, runs in curves.items()}
     keys = [k for k in KEYS if any(k in ms[0] for ms in final.values())]
+    key = "short_share" if args.task == "lengths" else "kl_target"  # judged stopped by
     first = next(iter(curves.values()))
     summary = {"ref": {k: statistics.mean(r[0][k] for r in first)
                        for k in keys if k in first[0][0]}}
@@ -449,6 +457,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         summary[algo]["spread"] = {k: statistics.pstdev(m[k] for m in ms) for k in own}
         summary[algo]["per_seed"] = [{k: m[k] for k in own} for m in ms]
         summary[algo]["wall_s"] = walls[algo]
+        summary[algo]["stopped"] = stopped(curves[algo], key)
         summary[algo]["curves"] = [[{k: m[k] for k in ["step", *keys] if k in m} for m in run
                                     if "kl_target" in m] for run in curves[algo]]
     summary["config"] = {**vars(args), "flowrl_flags": flowrl_flags,
@@ -456,12 +465,19 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     print(f"\n{args.task}: {args.seeds} seed(s) x {args.steps} steps, G={args.group_size}, "
           f"lr={args.lr}, LoRA r={args.lora_r}, FlowRL beta={args.beta} {' '.join(flowrl_flags)}; "
           "mean ± spread over seeds, exact (every answer teacher-forced)")
-    print(f"{'metric':<22}{'pi_ref':>12}" + "".join(f"{a:>20}" for a in curves))
+    if args.task == "graded":
+        print("graded: modes_covered and kl_target are against p* = π_ref on the correct answers "
+              "(the pass/fail target), not the β-dependent one; high_share shows what β does")
+    ref_label = "pi_ref, seed 0" if args.seeds == 1 else f"pi_ref, mean of {args.seeds}"
+    print(f"{'metric':<22}{ref_label:>16}" + "".join(f"{a:>20}" for a in curves))
     for k in keys:
         cells = [f"{summary[a][k]:.3f} ± {summary[a]['spread'][k]:.3f}" if k in summary[a]
                  else "-" for a in curves]
         ref = f"{summary['ref'][k]:.3f}" if k in summary["ref"] else "-"
-        print(f"{k:<22}{ref:>12}" + "".join(f"{c:>20}" for c in cells))
+        print(f"{k:<22}{ref:>16}" + "".join(f"{c:>20}" for c in cells))
+    print(f"{key} over the last 20% of steps: moved / seed spread / stopped: " + ", ".join(
+        f"{a} {st['change']:.4f} / {st['spread']:.4f} / {'yes' if st['stopped'] else 'no'}"
+        for a, st in ((a, summary[a]["stopped"]) for a in curves)))
     print(f"\nanswer distributions after training (seed 0), {q0!r}:\n" + histogram(dists, space))
     for path in (args.json, args.plot):
         if path:
