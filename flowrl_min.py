@@ -480,7 +480,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
             m |= on_step(step, model) if on_step else {}
             history.append(m)
             os.makedirs(cfg.out, exist_ok=True)  # only once a step is done
-            if step == done + 1 and state is None:  # --overwrite: the old run is gone
+            if step == 1 and state is None:  # --overwrite: the old run is gone
                 for old in ("checkpoint", "checkpoint.old"):
                     shutil.rmtree(os.path.join(cfg.out, old), ignore_errors=True)
             metrics = os.path.join(cfg.out, "metrics.jsonl")
@@ -626,8 +626,8 @@ def pick_dtype(name: str, device: torch.device, cpuinfo: str = "/proc/cpuinfo") 
         return name, "as set"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return "bfloat16", "auto: this GPU runs bf16 natively"
-    flags = pathlib.Path(cpuinfo).read_text() if os.path.isfile(cpuinfo) else ""
-    if device.type == "cpu" and re.search(r"\b(avx512_bf16|amx_bf16)\b", flags):
+    listed = device.type == "cpu" and os.path.isfile(cpuinfo)  # Linux's CPU flags, read on CPU only
+    if listed and re.search(r"\b(avx512_bf16|amx_bf16)\b", pathlib.Path(cpuinfo).read_text()):
         return "bfloat16", "auto: this CPU runs bf16 natively"
     return "float32", f"auto: no native bf16 found on this {device.type}"
 

@@ -276,13 +276,18 @@ def fixed_point(history: list[dict], ref_logp: torch.Tensor, tokenizer, group_si
     target = (ref_logp + tokens * kappa).masked_fill(~correct, -math.inf).softmax(0)
     return {"log_z": log_z, "kappa": kappa, "predicted_short_share": target[short].sum().item()}
 
+def seed_mean(runs: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
+    """The steps that record `key`, and its mean over the seeds' runs at each."""
+    rows = [[m for m in run if key in m] for run in runs]
+    return [m["step"] for m in rows[0]], [statistics.mean(m[key] for m in at) for at in zip(*rows)]
+
 def stopped(runs: list[list[dict]], key: str) -> dict:
     """The rule for a converged run: the seeds' mean of `key` changed over the last 20% of the
     steps by less than the spread (pstdev) between the seeds' final values."""
-    rows = [[m for m in run if key in m] for run in runs]
-    mean = [statistics.mean(m[key] for m in at) for at in zip(*rows)]
-    first = next(i for i, m in enumerate(rows[0]) if m["step"] >= 0.8 * rows[0][-1]["step"])
-    change, spread = abs(mean[-1] - mean[first]), statistics.pstdev(r[-1][key] for r in rows)
+    steps, mean = seed_mean(runs, key)
+    first = next(i for i, s in enumerate(steps) if s >= 0.8 * steps[-1])
+    change = abs(mean[-1] - mean[first])
+    spread = statistics.pstdev([m for m in run if key in m][-1][key] for run in runs)
     return {"key": key, "change": change, "spread": spread, "stopped": change < spread}
 
 def histogram(dists: dict[str, torch.Tensor], space: list[str], width: int = 30) -> str:
@@ -322,15 +327,11 @@ def plot(path: str, dists: dict[str, torch.Tensor], curves: dict[str, list[list[
     ax[0].legend()
     middle = "short_share" if "short_share" in curves[next(iter(curves))][0][0] else "modes_covered"
     for algo, runs in curves.items():
-        steps = [m["step"] for m in runs[0] if "kl_target" in m]
         for k, key in ((1, middle), (2, "kl_target")):
-            per_seed = [[m[key] for m in run if "kl_target" in m] for run in runs]
-            mean = [statistics.mean(v) for v in zip(*per_seed)]
-            ax[k].plot(steps, mean, label=label[algo], color=color[algo], linewidth=2)
-        pred = [[m for m in run if "predicted_short_share" in m] for run in runs]
-        if middle == "short_share" and pred[0] and algo != "flowrl-sum":  # its own = p*
-            mean = [statistics.mean(m["predicted_short_share"] for m in at) for at in zip(*pred)]
-            ax[1].plot([m["step"] for m in pred[0]], mean, color=color[algo], ls=":",
+            ax[k].plot(*seed_mean(runs, key), label=label[algo], color=color[algo], linewidth=2)
+        has_pred = any("predicted_short_share" in m for m in runs[0])
+        if middle == "short_share" and has_pred and algo != "flowrl-sum":  # its own = p*
+            ax[1].plot(*seed_mean(runs, "predicted_short_share"), color=color[algo], ls=":",
                        label=f"{label[algo]}: δ = 0 predicts")
     # the curves count the modes of every prompt of the task; the bars show the first prompt only
     n_modes = next(iter(curves.values()))[0][0]["n_modes"]
@@ -436,12 +437,11 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
             runs.append(run(args.task, algo, policy, tokenizer, ref_logps, seed, flags + extra,
                             every, args.model))
             walls[algo].append(time.perf_counter() - start)
-            for i, m in enumerate(runs[-1]):  # δ = 0's prediction every 50 steps, from the run
-                last = i == len(runs[-1]) - 1  # so far
-                if args.task == "lengths" and algo != "grpo" and m["step"] and (m["step"] % 50 == 0
-                                                                                 or last):
-                    m |= fixed_point(runs[-1][:i + 1], ref_logps[0], tokenizer, args.group_size,
-                                     args.beta, algo == "flowrl-sum")
+            if args.task == "lengths" and algo != "grpo":  # δ = 0's prediction every 50 steps
+                for i, m in enumerate(runs[-1]):  # and at the end, from the run so far
+                    if m["step"] and (m["step"] % 50 == 0 or i == len(runs[-1]) - 1):
+                        m |= fixed_point(runs[-1][:i + 1], ref_logps[0], tokenizer,
+                                         args.group_size, args.beta, algo == "flowrl-sum")
             if seed == 0:
                 dists[algo] = answer_logprobs(policy, tokenizer, q0, space).exp()
             del policy
