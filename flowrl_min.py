@@ -30,9 +30,11 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 
+if __name__ == "__main__":  # Ctrl-C while the libraries load: exit at once (130), no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import huggingface_hub.constants
 import torch
 import transformers
@@ -42,64 +44,58 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 RewardFn = Callable[[str, str], float]
-LORA_LR = 2e-5  # the default --lr with --lora-r
-
 # ----------------------------------------------------------------------------- config
-def flag(default, help: str):
-    return field(default=default, metadata={"help": help})
+def flag(default, help: str, least: float | None = None):  # least: checked by parse_args
+    return field(default=default, metadata={"help": help, "least": least})
 
 @dataclass
 class Config:
     model: str = flag("Qwen2.5-0.5B", "hub id (bare 'Qwen2.5-0.5B': Qwen/...) or local directory")
     dataset: str = flag("arith", "arith, or a .jsonl/.json/.csv/.parquet file (question, answer)")
     algo: str = flag("flowrl", "flowrl, or the grpo baseline with everything else identical")
-    steps: int = flag(50, "rollout batches")
-    prompts: int = flag(4, "prompts per rollout batch")
-    group_size: int = flag(8, "G: responses sampled per prompt")
-    max_new_tokens: int = flag(128, "response length limit")
-    temperature: float = flag(1.0, "sampling temperature; log-probs use logits / temperature too")
+    steps: int = flag(50, "rollout batches", 1)
+    prompts: int = flag(4, "prompts per rollout batch", 1)
+    group_size: int = flag(8, "G: responses sampled per prompt", 2)
+    max_new_tokens: int = flag(128, "response length limit", 1)
+    temperature: float = flag(1.0, "sampling temperature T; log-probs also use logits / T", 0)
     beta: float = flag(15.0, "β: reward temperature of the target distribution")
     log_z: str = flag("mlp", "mlp: the paper's log Z_φ network; group: its closed form per group")
     clip_low: float = flag(0.8, "lower clip of the importance weight w (paper: 1-ε)")
     clip_high: float = flag(1.2, "upper clip of w (paper: 1+ε; official code: inf; veRL: 10)")
     length_norm: bool = flag(True, "divide log-prob sums by |y| (--no-length-norm: the ablation)")
     kl_coef: float = flag(0.001, "GRPO: k3 KL-to-reference coefficient (ratio clip 0.2, dual 3)")
-    lr: float = flag(None, f"policy learning rate (default: 1e-6; {LORA_LR} with --lora-r)")
-    logz_lr: float = flag(None, "log Z_φ learning rate (default: the policy's)")
-    mini_batches: int = flag(1, "optimiser steps per rollout batch (w ≠ 1 from the second on)")
-    micro_tokens: int = flag(512, "tokens per packed forward and backward (accumulated)")
+    lr: float = flag(None, "policy learning rate (default: 1e-6; 2e-5 with --lora-r)", 0)
+    logz_lr: float = flag(None, "log Z_φ learning rate (default: the policy's)", 0)
+    mini_batches: int = flag(1, "optimiser steps per rollout batch (w ≠ 1 from the second on)", 1)
+    micro_tokens: int = flag(512, "tokens per packed forward and backward (accumulated)", 1)
     grad_ckpt: bool = flag(True, "activation checkpointing: less memory, one more forward")
-    lora_r: int = flag(0, "LoRA rank (needs peft), 0: full fine-tuning; π_ref: adapters off")
+    lora_r: int = flag(0, "LoRA rank (needs peft), 0: full fine-tuning; π_ref: adapters off", 0)
     lora_alpha: float = flag(None, "LoRA α: the adapters' output is scaled by α/r (default: 2·r)")
-    eval_every: int = flag(25, "evaluate every N steps (0: only at the end)")
-    eval_prompts: int = flag(16, "held-out prompts per evaluation")
-    eval_k: int = flag(8, "samples per held-out prompt (mean accuracy and pass@k)")
+    eval_every: int = flag(25, "evaluate every N steps (0: only at the end)", 0)
+    eval_prompts: int = flag(16, "held-out prompts per evaluation", 1)
+    eval_k: int = flag(8, "samples per held-out prompt (mean accuracy and pass@k)", 1)
     device: str = flag("", "cuda, mps or cpu (default: the first of them that is available)")
     dtype: str = flag("auto", "bfloat16 autocast or float32; auto: bf16 where the device has it")
     out: str = flag("out", "output directory: metrics.jsonl and checkpoint/")
     overwrite: bool = flag(False, "replace a run already in --out")
     resume: bool = flag(False, "continue the run in --out with its flags (--steps may change)")
-    save_every: int = flag(0, "also save the checkpoint every N steps (0: at the end)")
+    save_every: int = flag(0, "also save the checkpoint every N steps (0: at the end)", 0)
     seed: int = flag(0, "seed for weights, data order and sampling")
-    check_batch: str = flag("", "a torch.save'd batch: print our losses, gradients (default: none)")
-
 # ----------------------------------------------------------------------------- the objective
 def group_normalize(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     """r̂_i = (r_i − group mean) / (unbiased group std + eps); G adjacent rows. (N,) -> (N,)"""
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"group_size must be >= 2 and divide {rewards.numel()}, got {group_size}")
-    g = rewards.view(-1, group_size)  # (N/G, G)
-    g = g.to(torch.promote_types(g.dtype, torch.float32))  # float64 stays float64
+    g = rewards.view(-1, group_size).to(torch.promote_types(rewards.dtype, torch.float32))
     # shifted by the group's first reward (r̂ does not change): an equal group is exactly 0
-    g = g - g[:, :1]
+    g = g - g[:, :1]  # (N/G, G); float64 stays float64
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
 
 class LogZ(nn.Sequential):
     """log Z_φ(x): 3-layer MLP on the prompt's mean last hidden state, not detached. (N, H)->(N,)"""
-    def __init__(self, hidden: int, dropout: float = 0.1):
-        block = lambda: [nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden),
-                         nn.Dropout(dropout)]
-        super().__init__(*block(), *block(), nn.Linear(hidden, 1), nn.Flatten(0))
+    def __init__(self, h: int, dropout: float = 0.1):
+        block = lambda: [nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h), nn.Dropout(dropout)]
+        super().__init__(*block(), *block(), nn.Linear(h, 1), nn.Flatten(0))
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of x where mask is 1 (over dim, or all); masked-out values, even inf, never leak."""
@@ -151,13 +147,11 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, ad
     clipfrac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item()
     return loss, {"loss": loss.item(), "kl": masked_mean(kl, mask).item(), "clipfrac": clipfrac}
 
-@torch.no_grad()
 def logprob_stats(logp: Tensor, old: Tensor, ref: Tensor, mask: Tensor) -> dict[str, float]:
     """What both losses report: mean log π_θ, π_old, π_ref per token, and k1 KL estimates."""
     means = {"logp": logp, "old_logp": old, "ref_logp": ref, "ppo_kl": old - logp,
              "ref_kl": ref - logp}
     return {k: masked_mean(v, mask).item() for k, v in means.items()}
-
 # ----------------------------------------------------------------------------- sampling
 @dataclass
 class Rollouts:
@@ -180,10 +174,6 @@ def next_token(logits: Tensor, temperature: float,
     tokens = torch.multinomial(logp.exp(), 1, generator=generator)  # (A, 1)
     return tokens.squeeze(-1), logp.gather(-1, tokens).squeeze(-1)
 
-def autocast(device: torch.device, dtype: str):
-    """bf16 autocast (products in bf16; weights, optimiser, log-softmax fp32) or plain fp32."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16")
-
 def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
            eos_ids: list[int], n: int, generator: torch.Generator | None = None) -> Rollouts:
     """n responses per prompt, KV-cached: each prompt prefilled once, a row leaves at its EOS."""
@@ -195,7 +185,9 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
     resp, logp = ids.new_full((N, T), tokenizer.pad_token_id), torch.zeros(N, T, device=device)
     eos, rows = torch.tensor(eos_ids, device=device), torch.arange(N, device=device)  # live rows
     model.eval()
-    with torch.inference_mode(), autocast(device, cfg.dtype):
+    # --dtype bfloat16: the products in bf16; weights, optimiser state and log-softmax stay fp32
+    bf16 = torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    with torch.inference_mode(), bf16:
         out = model(input_ids=ids, attention_mask=attn, use_cache=True, logits_to_keep=1,
                     position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
         cache = out.past_key_values
@@ -213,12 +205,10 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
             out = model(input_ids=resp[rows, t, None], attention_mask=attn, past_key_values=cache,
                         position_ids=attn.sum(-1, keepdim=True) - 1, use_cache=True)
             logits = out.logits[:, -1]
-    resp, logp = resp.clone(), logp.clone()  # inference tensors cannot enter autograd; clones can
     mask, is_eos = response_mask(resp, eos_ids).bool(), torch.isin(resp, eos)
     # decode exactly what came before EOS: a stray special token must not vanish from the text
     completions = tokenizer.batch_decode([y[k].tolist() for y, k in zip(resp, mask & ~is_eos)])
     return Rollouts(prompt_ids, resp, mask.float(), completions, ~is_eos.any(-1), logp)
-
 # ----------------------------------------------------------------------------- log-probs
 def pack(prompts: list[Tensor], prompt_of: list[int], response_ids: Tensor, lengths: list[int]):
     """Prompts once, each y_i but its last token: ids, positions (S,), bias (S, S), before, spans"""
@@ -258,7 +248,7 @@ def sequence_logprobs(model: PreTrainedModel, prompts: list[Tensor], prompt_of: 
         die("the packed forward needs eager, sdpa or flex attention: load with one of them")
     mask = response_mask.bool()
     ids, pos, bias, before, spans = pack(prompts, prompt_of, response_ids, mask.sum(-1).tolist())
-    with autocast(ids.device, dtype):
+    with torch.autocast(ids.device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
         h = model.base_model(input_ids=ids[None], position_ids=pos[None],
                              attention_mask=bias[None, None]).last_hidden_state[0].float()
         flat = token_logprobs(model.get_output_embeddings(), h[before], response_ids[mask],
@@ -292,11 +282,9 @@ def reference_logprobs(model: PreTrainedModel, ref: PreTrainedModel | None, r: R
     if ref is not None:
         return score(ref, r, cfg)
     model.disable_adapters()
-    try:
-        return score(model, r, cfg)
-    finally:
-        model.enable_adapters()
-
+    logp = score(model, r, cfg)
+    model.enable_adapters()
+    return logp
 # ----------------------------------------------------------------------------- task and reward
 MATH_INSTRUCTION = "\nPut the final answer in \\boxed{}."
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
@@ -348,18 +336,16 @@ def math_reward(completion: str, answer: str) -> float:
 
 def score_completions(reward_fn: RewardFn, completions: list[str], answers: list[str]) -> Tensor:
     """Rewards (N,); a reward function that fails or returns a non-finite number scores 0."""
-    rewards = []
-    for c, a in zip(completions, answers):
+    rewards = torch.zeros(len(completions))  # a failure stays 0
+    for i, (c, a) in enumerate(zip(completions, answers)):
         try:
             r = float(reward_fn(c, a))
             if not math.isfinite(r):
                 raise ValueError(f"non-finite reward {r}")
+            rewards[i] = r
         except Exception as e:  # noqa: BLE001 -- user code: any failure scores 0, with a warning
             warnings.warn(f"reward_fn failed, scoring 0: {type(e).__name__}: {e}", stacklevel=2)
-            r = 0.0
-        rewards.append(r)
-    return torch.tensor(rewards)
-
+    return rewards
 # ----------------------------------------------------------------------------- update and loop
 def rollout(model: PreTrainedModel, tokenizer, rows: Dataset, reward_fn: RewardFn, cfg: Config,
             eos_ids: list[int], n: int, generator: torch.Generator | None = None):
@@ -419,11 +405,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
           ref: PreTrainedModel | None = None, state: dict | None = None) -> list[dict]:
     """The loop; SIGINT/SIGTERM: finish the step, save, exit 128 + signal (twice: exit at once)."""
     device, G = model.device, cfg.group_size
-    dtype, why = pick_dtype(cfg.dtype, device)
-    cfg = replace(cfg, dtype=dtype)  # what the run computes in (and saves for --resume)
-    tqdm.write(f"{cfg.algo} on {device.type} in {dtype} ({why})", sys.stderr)
-    ref = copy.deepcopy(model) if ref is None and not cfg.lora_r else ref  # LoRA: adapters off
-    ref = None if ref is None else ref.eval().requires_grad_(False)
+    ref = copy.deepcopy(model).requires_grad_(False) if ref is None and not cfg.lora_r else ref
     with torch.random.fork_rng(devices=[]):  # own seed: GRPO and FlowRL sample alike
         torch.manual_seed(cfg.seed)
         mlp = cfg.algo == "flowrl" and cfg.log_z == "mlp"
@@ -441,9 +423,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type in state["rng"] and device.type != "cpu":  # CUDA's or MPS's generator
             torch.get_device_module(device).set_rng_state(state["rng"][device.type])
-        done = state["step"]
-        with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
-            history = [m for m in map(json.loads, f) if m["step"] <= done]
+        done, history = state["step"], state["history"]
     elif cfg.eval_every:  # held-out numbers before any update, logged as step 0
         history.append({"step": 0, **evaluate(model, tokenizer, eval_ds, reward_fn, cfg, eos_ids)})
     stop: list[int] = []
@@ -465,7 +445,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
             t1 = time.perf_counter()
             ref_logp = reference_logprobs(model, ref, r, cfg)
             old_logp = None  # π_old = π_θ: the sampler's log-probs where they agree (fp32)
-            if cfg.mini_batches > 1 or (cfg.log_z == "group" and dtype == "bfloat16"):
+            if cfg.mini_batches > 1 or (cfg.log_z == "group" and cfg.dtype == "bfloat16"):
                 old_logp = score(model, r, cfg)
             t2 = time.perf_counter()
             stats = update(cfg, model, logz, opt, sched, r, adv, ref_logp, old_logp)
@@ -488,7 +468,7 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
                 f.writelines(json.dumps(h) + "\n" for h in history)
             os.replace(metrics + ".tmp", metrics)  # a stop mid-write keeps the last whole file
             if stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(cfg, model, tokenizer, parts, step)
+                save_checkpoint(cfg, model, tokenizer, parts, history)
             if stop:
                 tqdm.write(f"stopped by {signal.Signals(stop[0]).name}: saved step {step} to "
                            f"{cfg.out}/checkpoint (continue with --resume)", sys.stderr)
@@ -497,7 +477,6 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
         for s, h in handlers.items():
             signal.signal(s, h)
     return history
-
 # ----------------------------------------------------------------------------- evaluation
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k)."""
@@ -526,9 +505,8 @@ def summarize(history: list[dict], device: torch.device) -> str:
     timed = steps[1:] or steps  # step 1 pays one-off warm-up costs
     med = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "ref_s", "update_s")}
     tok_s = sum(h["gen_tokens"] for h in timed) / sum(h["gen_s"] for h in timed)
-    # ru_maxrss counts KiB on Linux, bytes on macOS
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(30 if sys.platform == "darwin"
-                                                                     else 20)
+    unit = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     evals = "  ".join(f"{k[5:]} {v:.3f}" for k, v in history[-1].items() if k[:5] == "eval_")
@@ -536,7 +514,6 @@ def summarize(history: list[dict], device: torch.device) -> str:
             f"{steps[0]['step']}-{steps[-1]['step']}); held-out at step {history[-1]['step']}: "
             f"{evals}\nmedian step {sum(med.values()):.2f}s: " + ", ".join(f"{k} {v:.2f}s" for k, v
             in med.items()) + f"; {tok_s:.0f} generated tokens/s; peak memory {peak:.2f} GiB")
-
 # ----------------------------------------------------------------------------- flags and main
 def main(argv: list[str] | None = None, defaults: dict | None = None,
          load: Callable[[Config], tuple] | None = None) -> list[dict]:
@@ -545,14 +522,14 @@ def main(argv: list[str] | None = None, defaults: dict | None = None,
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     disable_progress_bars()
-    if cfg.check_batch:
-        return [check_batch(cfg)]
     torch.manual_seed(cfg.seed)
     if load is None:  # the data first: a bad file fails before a model loads
         data = load_data(cfg)
         load = lambda c: (*load_model(c.model), *data)
     model, tokenizer, *data = load(cfg)
-    model.to(pick_device(cfg.device))
+    device, cfg.dtype, why = pick_device(cfg.device, cfg.dtype)  # saved so for --resume
+    print(f"{cfg.algo} on {device.type} in {cfg.dtype} ({why})", file=sys.stderr)
+    model.to(device)
     if cfg.lora_r and not cfg.resume:
         add_lora(model, cfg.lora_r, cfg.lora_alpha)
     model, ref, state = load_checkpoint(cfg, model) if cfg.resume else (model, None, None)
@@ -562,12 +539,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None,
     return history
 
 def die(msg: str):
-    """One clear line on stderr, exit status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
-
-def first_line(e: Exception) -> str:
-    """A library's error, whole but for its further lines."""
-    return (str(e).splitlines() or [type(e).__name__])[0]
+    """One clear line on stderr (a library's error: its first line), exit status 1, no traceback."""
+    raise SystemExit(f"error: {msg}".split("\n")[0])
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
     """Flags into a checked Config; with --resume the saved one, but for --out and --steps."""
@@ -581,8 +554,7 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> C
         kw = ({"action": argparse.BooleanOptionalAction} if f.type is bool
               else {"type": f.type, "choices": choices.get(f.name)})
         shown = f.metadata["help"]
-        if "(default:" not in shown:
-            shown += f" (default: {defaults.get(f.name, f.default)})"
+        shown += "" if "(default:" in shown else f" (default: {defaults.get(f.name, f.default)})"
         p.add_argument("--" + f.name.replace("_", "-"), help=shown, **kw)
     given = vars(p.parse_args(argv))
     cfg = Config(**defaults | given)
@@ -596,41 +568,34 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> C
         saved = torch.load(saved, "cpu", weights_only=True, mmap=True)["config"]
         cfg = Config(**saved | {"resume": True, "steps": cfg.steps, "out": cfg.out})
     if cfg.lr is None:
-        cfg.lr = LORA_LR if cfg.lora_r else 1e-6
+        cfg.lr = 2e-5 if cfg.lora_r else 1e-6
     cfg.logz_lr, cfg.lora_alpha = cfg.logz_lr or cfg.lr, cfg.lora_alpha or 2.0 * cfg.lora_r
-    least = {"group_size": 2, "lora_r": 0, "save_every": 0, "eval_every": 0, "steps": 1,
-             "prompts": 1, "max_new_tokens": 1, "mini_batches": 1, "micro_tokens": 1, "eval_k": 1,
-             "eval_prompts": 1, "lr": 0, "logz_lr": 0, "temperature": 0}
-    for name, low in least.items():
-        value = getattr(cfg, name)
-        if not value >= low or (isinstance(value, float) and value == 0):  # NaN fails >= too
-            die(f"--{name.replace('_', '-')} {value}: must be "
+    for f in fields(Config):  # a float's least is 0, exclusive; NaN fails >= too
+        value, low = getattr(cfg, f.name), f.metadata["least"]
+        if low is not None and (not value >= low or (isinstance(value, float) and value == 0)):
+            die(f"--{f.name.replace('_', '-')} {value}: must be "
                 + ("positive" if isinstance(value, float) else f"at least {low}"))
-    if cfg.mini_batches > cfg.prompts * cfg.group_size:
-        die(f"--mini-batches {cfg.mini_batches}: more than the {cfg.prompts * cfg.group_size} "
-            "responses of a batch (--prompts × --group-size)")
+    if cfg.mini_batches > (batch := cfg.prompts * cfg.group_size):  # --prompts × --group-size
+        die(f"--mini-batches {cfg.mini_batches}: more than a batch's {batch} responses")
     if os.path.isfile(cfg.out) or (os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
-                                   and not (cfg.overwrite or cfg.resume or cfg.check_batch)):
+                                   and not (cfg.overwrite or cfg.resume)):
         die(f"--out {cfg.out} is a file or holds a run; pass another --out, --overwrite, --resume")
     return cfg
 
-def pick_device(name: str) -> torch.device:
-    """--device, or the first available of CUDA, Apple's MPS and the CPU."""
+def pick_device(name: str, dtype: str = "auto",
+                cpuinfo: str = "/proc/cpuinfo") -> tuple[torch.device, str, str]:
+    """--device (default: cuda, else mps, else cpu), --dtype and why; auto: bf16 where the device
+    runs it natively (CUDA capability ≥ 8.0, a CPU Linux lists with avx512_bf16 or amx_bf16)."""
     found = [d for d, m in [("cuda", torch.cuda), ("mps", torch.backends.mps)] if m.is_available()]
-    return torch.device(name or (found + ["cpu"])[0])
-
-def pick_dtype(name: str, device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
-    """--dtype and why; auto: bf16 where the device runs it natively (CUDA compute capability 8.0
-    and up; a CPU that Linux lists with avx512_bf16 or amx_bf16), else fp32 (MPS: unmeasured)."""
-    if name != "auto":
-        return name, "as set"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return "bfloat16", "auto: this GPU runs bf16 natively"
-    listed = device.type == "cpu" and os.path.isfile(cpuinfo)  # Linux's CPU flags, read on CPU only
-    if listed and re.search(r"\b(avx512_bf16|amx_bf16)\b", pathlib.Path(cpuinfo).read_text()):
-        return "bfloat16", "auto: this CPU runs bf16 natively"
-    return "float32", f"auto: no native bf16 found on this {device.type}"
-
+    device = torch.device(name or (found + ["cpu"])[0])
+    if dtype != "auto":
+        return device, dtype, "as set"
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu" and os.path.isfile(cpuinfo):  # Linux's CPU flags
+        native = bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", pathlib.Path(cpuinfo).read_text()))
+    if native:
+        return device, "bfloat16", f"auto: this {device.type} runs bf16 natively"
+    return device, "float32", f"auto: no native bf16 found on this {device.type}"
 # ----------------------------------------------------------------------------- models, files
 def load_model(name: str) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """π_θ (fp32, no dropout), tokenizer: a directory, or a hub id (HF_ENDPOINT, proxies, cache)."""
@@ -648,8 +613,7 @@ def load_model(name: str) -> tuple[PreTrainedModel, transformers.PreTrainedToken
         model = transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32,
                                                                   local_files_only=offline)
     except (OSError, ValueError) as e:
-        die(f"--model {name}: cannot load {repo}: {first_line(e)} (offline: python toy_tasks.py "
-            "train)")
+        die(f"--model {name}: cannot load {repo} (offline: python toy_tasks.py train): {e}")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     for m in model.modules():  # RL runs without dropout: sampled and trained log-probs agree
         if isinstance(m, nn.Dropout):
@@ -666,8 +630,7 @@ def add_lora(model: PreTrainedModel, r: int, alpha: float) -> PreTrainedModel:
     return model
 
 def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
-    """Every token that ends a response: the tokenizer's EOS, the generation config's, and the
-    chat template's end of an assistant turn (Qwen2.5 base: <|endoftext|> and <|im_end|>)."""
+    """Tokens that end a response: EOS and the chat template's turn end (Qwen2.5: <|im_end|>)."""
     ids = model.generation_config.eos_token_id
     ends = {tokenizer.eos_token_id, *([ids] if isinstance(ids, int) else ids or [])}
     if tokenizer.chat_template:
@@ -686,7 +649,7 @@ def load_file_dataset(path: str, seed: int) -> tuple[Dataset, Dataset]:
     try:
         ds = load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # noqa: BLE001 -- any reader error: one line naming the file
-        die(f"--dataset {path}: cannot read it as {builder}: {first_line(e)}")
+        die(f"--dataset {path}: cannot read it as {builder}: {e}")
     if missing := {"question", "answer"} - set(ds.column_names):
         die(f"--dataset {path}: no column {', '.join(sorted(missing))} (found: "
             f"{', '.join(ds.column_names)}); rename the columns to question and answer")
@@ -701,8 +664,8 @@ def load_file_dataset(path: str, seed: int) -> tuple[Dataset, Dataset]:
     split = ds.train_test_split(test_size=min(100, len(ds) // 5), seed=seed)
     return split["train"], split["test"]
 
-def save_checkpoint(cfg: Config, model: PreTrainedModel, tokenizer, parts: dict, step: int) -> None:
-    """<out>/checkpoint (weights or adapters, tokenizer, trainer state), renamed into place."""
+def save_checkpoint(cfg: Config, model: PreTrainedModel, tokenizer, parts: dict, history: list):
+    """<out>/checkpoint: weights or adapters, tokenizer, trainer state, metrics; renamed whole."""
     final = os.path.join(cfg.out, "checkpoint")
     shutil.rmtree(final + ".tmp", ignore_errors=True)
     model.save_pretrained(final + ".tmp")
@@ -711,7 +674,7 @@ def save_checkpoint(cfg: Config, model: PreTrainedModel, tokenizer, parts: dict,
     if model.device.type != "cpu":
         rng[model.device.type] = torch.get_device_module(model.device).get_rng_state()
     state = {k: v.state_dict() for k, v in parts.items() if v is not None}
-    state |= {"config": asdict(cfg), "step": step, "rng": rng}
+    state |= {"config": asdict(cfg), "step": history[-1]["step"], "history": history, "rng": rng}
     torch.save(state, os.path.join(final + ".tmp", "trainer_state.pt"))
     if os.path.isdir(final):
         shutil.rmtree(final + ".old", ignore_errors=True)
@@ -732,40 +695,6 @@ def load_checkpoint(cfg: Config, model: PreTrainedModel):
         model.load_adapter(ckpt, adapter_name="default", is_trainable=True)
         return model, None, state
     return load_model(ckpt)[0].to(model.device), model, state
-
-# ----------------------------------------------------------------------------- --check-batch
-# veRL's names for the same tensors (verl-recipe flowrl/flowrl_actor.py, update_policy)
-VERL_KEYS = {"log_prob": "logp", "old_log_probs": "old_logp", "ref_log_prob": "ref_logp",
-             "response_mask": "mask", "advantages": "adv"}
-
-def check_batch(cfg: Config) -> dict[str, dict[str, float]]:
-    """Our losses and gradients (float64) on a torch.save'd batch: (N, T) log-probs, mask, r̂."""
-    b = torch.load(cfg.check_batch, weights_only=True) if os.path.isfile(cfg.check_batch) else {}
-    t = {VERL_KEYS.get(k, k): torch.as_tensor(v).detach().double() for k, v in b.items()}
-    if {"logp", "ref_logp", "mask", "adv", "group_size"} - set(t):
-        die(f"--check-batch {cfg.check_batch}: needs logp, ref_logp, mask, adv and group_size; "
-            f"found {', '.join(t) or 'no such file'}")
-    logp, ref, mask, adv = t["logp"].requires_grad_(), t["ref_logp"], t["mask"], t["adv"]
-    G = int(t["group_size"])
-    old = t.get("old_logp", logp.detach())
-    adv = masked_mean(adv, mask, -1) if adv.dim() == 2 else adv  # veRL's per token: their mean
-    w = importance_weight(logp, old, mask, cfg.clip_low, cfg.clip_high)
-    log_zs = {"flowrl": t.get("log_z", torch.zeros_like(adv)).reshape(adv.shape),
-              "flowrl_group_log_z": group_log_z(logp, ref, mask, adv, G,
-                                                cfg.beta, cfg.length_norm, w)}
-    out = {}
-    for name, log_z in log_zs.items():
-        loss, out[name] = flowrl_loss(logp, old, ref, mask, log_z.requires_grad_(), adv, cfg.beta,
-                                      cfg.clip_low, cfg.clip_high, cfg.length_norm)
-        g_logp, g_z = torch.autograd.grad(loss, [logp, log_z])
-        out[name] |= {"grad_logp_norm": g_logp.norm().item(), "grad_log_z_norm": g_z.norm().item(),
-                      "grad_log_z_per_prompt_norm": g_z.view(-1, G).sum(1).norm().item()}
-    loss, out["grpo"] = grpo_loss(logp, old, ref, mask, adv, kl_coef=cfg.kl_coef)
-    out["grpo"]["grad_logp_norm"] = torch.autograd.grad(loss, logp)[0].norm().item()
-    out["logprobs"] = logprob_stats(logp, old, ref, mask)
-    for name, stats in out.items():
-        print(f"{name}: " + "  ".join(f"{k} {v:.6g}" for k, v in stats.items()))
-    return out
 
 if __name__ == "__main__":
     main()

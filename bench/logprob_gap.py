@@ -28,7 +28,7 @@ def trainer_logprobs(model, r, dtype: str, head_fp32: bool) -> torch.Tensor:
     mask = r.mask.bool()
     ids, pos, bias, before, _ = fm.pack(r.prompts, prompt_of, r.response_ids,
                                        mask.sum(-1).tolist())
-    with fm.autocast(ids.device, dtype):
+    with torch.autocast(ids.device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
         h = model.base_model(input_ids=ids[None], position_ids=pos[None],
                              attention_mask=bias[None, None]).last_hidden_state[0].float()
     flat = fm.token_logprobs(model.get_output_embeddings(), h[before], r.response_ids[mask], 1.0)
