@@ -559,14 +559,19 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> C
     given = vars(p.parse_args(argv))
     cfg = Config(**defaults | given)
     if cfg.resume:
-        saved = os.path.join(checkpoint_dir(cfg.out), "trainer_state.pt")
-        if not os.path.isfile(saved):
-            die(f"--resume: no run found in --out {cfg.out} (no {saved}); start one without it")
+        ckpt = os.path.join(cfg.out, "checkpoint")
+        if os.path.isdir(ckpt + ".old") and not os.path.isdir(ckpt):  # a stop between renames
+            os.replace(ckpt + ".old", ckpt)
+        path = os.path.join(ckpt, "trainer_state.pt")
+        if not os.path.isfile(path):
+            die(f"--resume: no run found in --out {cfg.out} (no {path}); start one without it")
         if other := sorted(given.keys() - {"resume", "out", "steps"}):
             die(f"--resume continues the run in {cfg.out} with its own flags; only --steps may "
                 f"change: drop --{' --'.join(other)}".replace("_", "-"))
-        saved = torch.load(saved, "cpu", weights_only=True, mmap=True)["config"]
-        cfg = Config(**saved | {"resume": True, "steps": cfg.steps, "out": cfg.out})
+        saved = torch.load(path, "cpu", weights_only=True, mmap=True)
+        if "history" not in saved:  # written before the metrics moved into the checkpoint
+            die(f"--resume: {path} was saved by an older flowrl_min.py; start a new run")
+        cfg = Config(**saved["config"] | {"resume": True, "steps": cfg.steps, "out": cfg.out})
     if cfg.lr is None:
         cfg.lr = 2e-5 if cfg.lora_r else 1e-6
     cfg.logz_lr, cfg.lora_alpha = cfg.logz_lr or cfg.lr, cfg.lora_alpha or 2.0 * cfg.lora_r
@@ -682,14 +687,9 @@ def save_checkpoint(cfg: Config, model: PreTrainedModel, tokenizer, parts: dict,
     os.replace(final + ".tmp", final)
     shutil.rmtree(final + ".old", ignore_errors=True)
 
-def checkpoint_dir(out: str) -> str:
-    """The run's last whole checkpoint: <out>/checkpoint, or .old if a stop fell between renames."""
-    final = os.path.join(out, "checkpoint")
-    return final + ".old" if os.path.isdir(final + ".old") and not os.path.isdir(final) else final
-
 def load_checkpoint(cfg: Config, model: PreTrainedModel):
     """--resume: (policy from <out>/checkpoint, π_ref = model as loaded or None, trainer state)."""
-    ckpt = checkpoint_dir(cfg.out)
+    ckpt = os.path.join(cfg.out, "checkpoint")
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), "cpu", weights_only=True)
     if cfg.lora_r:
         model.load_adapter(ckpt, adapter_name="default", is_trainable=True)

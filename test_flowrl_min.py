@@ -827,6 +827,10 @@ def test_a_stop_while_writing_keeps_the_last_whole_step_cuda_and_overwrite(tmp_p
     with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does here
         torch.load(path, weights_only=True)
     assert train(tmp_path / "cuda", "--resume --steps 2")[-1]["step"] == 2
+    state = torch.load(path, weights_only=True)  # as the version before saved it: no metrics
+    torch.save({k: v for k, v in state.items() if k != "history"}, path)
+    with pytest.raises(SystemExit, match="saved by an older flowrl_min.py; start a new run$"):
+        train(tmp_path / "cuda", "--resume --steps 3")
     out = tmp_path / "run"
     train(out, "--steps 1 --eval-every 0 --eval-k 2")
     before = (out / "metrics.jsonl").read_text()
