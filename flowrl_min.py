@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 
-if __name__ == "__main__":  # Ctrl-C while the libraries load: exit at once (130), no traceback
+if __name__ == "__main__":  # Ctrl-C before training (imports, loading): exit at once, no traceback
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 import huggingface_hub.constants
 import torch
@@ -149,9 +149,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, ad
 
 def logprob_stats(logp: Tensor, old: Tensor, ref: Tensor, mask: Tensor) -> dict[str, float]:
     """What both losses report: mean log π_θ, π_old, π_ref per token, and k1 KL estimates."""
-    means = {"logp": logp, "old_logp": old, "ref_logp": ref, "ppo_kl": old - logp,
-             "ref_kl": ref - logp}
-    return {k: masked_mean(v, mask).item() for k, v in means.items()}
+    m = {"logp": logp, "old_logp": old, "ref_logp": ref, "ppo_kl": old - logp, "ref_kl": ref - logp}
+    return {k: masked_mean(v, mask).item() for k, v in m.items()}
 # ----------------------------------------------------------------------------- sampling
 @dataclass
 class Rollouts:
@@ -185,9 +184,9 @@ def sample(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: Config,
     resp, logp = ids.new_full((N, T), tokenizer.pad_token_id), torch.zeros(N, T, device=device)
     eos, rows = torch.tensor(eos_ids, device=device), torch.arange(N, device=device)  # live rows
     model.eval()
-    # --dtype bfloat16: the products in bf16; weights, optimiser state and log-softmax stay fp32
+    # no_grad, not inference_mode: only outside it does autocast cast a weight once, not per token
     bf16 = torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    with torch.inference_mode(), bf16:
+    with torch.no_grad(), bf16:
         out = model(input_ids=ids, attention_mask=attn, use_cache=True, logits_to_keep=1,
                     position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
         cache = out.past_key_values
@@ -248,7 +247,8 @@ def sequence_logprobs(model: PreTrainedModel, prompts: list[Tensor], prompt_of: 
         die("the packed forward needs eager, sdpa or flex attention: load with one of them")
     mask = response_mask.bool()
     ids, pos, bias, before, spans = pack(prompts, prompt_of, response_ids, mask.sum(-1).tolist())
-    with torch.autocast(ids.device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
+    with torch.autocast(ids.device.type, torch.bfloat16, enabled=dtype == "bfloat16",
+                        cache_enabled=False):  # cached bf16 weights would outlive each layer
         h = model.base_model(input_ids=ids[None], position_ids=pos[None],
                              attention_mask=bias[None, None]).last_hidden_state[0].float()
         flat = token_logprobs(model.get_output_embeddings(), h[before], response_ids[mask],
@@ -267,7 +267,7 @@ def micro_batches(rows: Tensor, r: Rollouts, cfg: Config) -> list[Tensor]:
         tokens += cost
     return [torch.tensor(c) for c in chunks]
 
-@torch.inference_mode()
+@torch.no_grad()
 def score(model: PreTrainedModel, r: Rollouts, cfg: Config) -> Tensor:
     """Per-token log-probs (N, T) of the rollouts under a model, without a graph."""
     model.eval()
@@ -282,9 +282,10 @@ def reference_logprobs(model: PreTrainedModel, ref: PreTrainedModel | None, r: R
     if ref is not None:
         return score(ref, r, cfg)
     model.disable_adapters()
-    logp = score(model, r, cfg)
-    model.enable_adapters()
-    return logp
+    try:
+        return score(model, r, cfg)
+    finally:  # a caller that catches an error must not keep a policy without its adapters
+        model.enable_adapters()
 # ----------------------------------------------------------------------------- task and reward
 MATH_INSTRUCTION = "\nPut the final answer in \\boxed{}."
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
@@ -405,6 +406,8 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
           ref: PreTrainedModel | None = None, state: dict | None = None) -> list[dict]:
     """The loop; SIGINT/SIGTERM: finish the step, save, exit 128 + signal (twice: exit at once)."""
     device, G = model.device, cfg.group_size
+    _, cfg.dtype, why = pick_device(str(device), cfg.dtype)  # auto resolved, saved so for --resume
+    tqdm.write(f"{cfg.algo} on {device.type} in {cfg.dtype} ({why})", sys.stderr)
     ref = copy.deepcopy(model).requires_grad_(False) if ref is None and not cfg.lora_r else ref
     with torch.random.fork_rng(devices=[]):  # own seed: GRPO and FlowRL sample alike
         torch.manual_seed(cfg.seed)
@@ -527,9 +530,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None,
         data = load_data(cfg)
         load = lambda c: (*load_model(c.model), *data)
     model, tokenizer, *data = load(cfg)
-    device, cfg.dtype, why = pick_device(cfg.device, cfg.dtype)  # saved so for --resume
-    print(f"{cfg.algo} on {device.type} in {cfg.dtype} ({why})", file=sys.stderr)
-    model.to(device)
+    model.to(pick_device(cfg.device)[0])
     if cfg.lora_r and not cfg.resume:
         add_lora(model, cfg.lora_r, cfg.lora_alpha)
     model, ref, state = load_checkpoint(cfg, model) if cfg.resume else (model, None, None)
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None,
 
 def die(msg: str):
     """One clear line on stderr (a library's error: its first line), exit status 1, no traceback."""
-    raise SystemExit(f"error: {msg}".split("\n")[0])
+    raise SystemExit(f"error: {msg}".splitlines()[0])
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
     """Flags into a checked Config; with --resume the saved one, but for --out and --steps."""
@@ -559,18 +560,17 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> C
     given = vars(p.parse_args(argv))
     cfg = Config(**defaults | given)
     if cfg.resume:
-        ckpt = os.path.join(cfg.out, "checkpoint")
-        if os.path.isdir(ckpt + ".old") and not os.path.isdir(ckpt):  # a stop between renames
-            os.replace(ckpt + ".old", ckpt)
-        path = os.path.join(ckpt, "trainer_state.pt")
-        if not os.path.isfile(path):
-            die(f"--resume: no run found in --out {cfg.out} (no {path}); start one without it")
         if other := sorted(given.keys() - {"resume", "out", "steps"}):
             die(f"--resume continues the run in {cfg.out} with its own flags; only --steps may "
                 f"change: drop --{' --'.join(other)}".replace("_", "-"))
-        saved = torch.load(path, "cpu", weights_only=True, mmap=True)
-        if "history" not in saved:  # written before the metrics moved into the checkpoint
-            die(f"--resume: {path} was saved by an older flowrl_min.py; start a new run")
+        ckpt = os.path.join(cfg.out, "checkpoint")
+        if os.path.isdir(ckpt + ".old") and not os.path.isdir(ckpt):  # a stop between renames
+            os.replace(ckpt + ".old", ckpt)
+        pt = os.path.join(ckpt, "trainer_state.pt")
+        saved = torch.load(pt, "cpu", weights_only=True, mmap=True) if os.path.isfile(pt) else {}
+        if "history" not in saved:  # none, or saved before the checkpoint held the metrics
+            die(f"--resume: no run found in --out {cfg.out} ({pt} is missing or from an older "
+                "flowrl_min.py); start one without it")
         cfg = Config(**saved["config"] | {"resume": True, "steps": cfg.steps, "out": cfg.out})
     if cfg.lr is None:
         cfg.lr = 2e-5 if cfg.lora_r else 1e-6

@@ -320,6 +320,15 @@ def test_sampling_at_t_ends_at_eos_equals_teacher_forcing_and_prefills_once(tiny
     assert [b for b, _ in seen[1:]] == [n for n in running if n > 0]
     assert all(t == 1 for _, t in seen[1:])
     assert 0 == running[-1] < running[1] < running[0] < 8  # rows left at different steps
+    # under bf16 each weight is cast once per sampling call, not once per generated token
+    weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    def casts(new_tokens: int) -> int:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            fm.sample(model, tok, prompts, tiny_args(["--max-new-tokens", str(new_tokens),
+                                                      "--dtype", "bfloat16"]), [], 4)
+        return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key == "aten::_to_copy" and tuple(e.input_shapes[0]) in weights)
+    assert casts(2) == casts(8) >= len(weights)
 
 def plain_logprobs(model, prompt, response, T):
     """log π(y_t | x, y_<t) of one response by a plain forward over prompt + response. (L,)"""
@@ -829,7 +838,7 @@ def test_a_stop_while_writing_keeps_the_last_whole_step_cuda_and_overwrite(tmp_p
     assert train(tmp_path / "cuda", "--resume --steps 2")[-1]["step"] == 2
     state = torch.load(path, weights_only=True)  # as the version before saved it: no metrics
     torch.save({k: v for k, v in state.items() if k != "history"}, path)
-    with pytest.raises(SystemExit, match="saved by an older flowrl_min.py; start a new run$"):
+    with pytest.raises(SystemExit, match=r"no run found .* from an older flowrl_min.py\); start"):
         train(tmp_path / "cuda", "--resume --steps 3")
     out = tmp_path / "run"
     train(out, "--steps 1 --eval-every 0 --eval-k 2")
