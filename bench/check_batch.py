@@ -13,6 +13,7 @@ implementation").
 import argparse
 import os
 import sys
+from dataclasses import fields
 
 import torch
 
@@ -24,8 +25,8 @@ VERL_KEYS = {"log_prob": "logp", "old_log_probs": "old_logp", "ref_log_prob": "r
              "response_mask": "mask", "advantages": "adv"}
 
 
-def check_batch(path: str, beta: float = 15.0, clip_low: float = 0.8, clip_high: float = 1.2,
-                length_norm: bool = True, kl_coef: float = 0.001) -> dict[str, dict[str, float]]:
+def check_batch(path: str, beta: float, clip_low: float, clip_high: float, length_norm: bool,
+                kl_coef: float) -> dict[str, dict[str, float]]:
     """The batch's FlowRL (given and closed-form log Z) and GRPO numbers, printed and returned."""
     b = torch.load(path, weights_only=True) if os.path.isfile(path) else {}
     t = {VERL_KEYS.get(k, k): torch.as_tensor(v).detach().double() for k, v in b.items()}
@@ -60,13 +61,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.error = lambda message: fm.die(f"{message}; see --help")
     p.add_argument("batch", help="a torch.save'd dict of tensors (above)")
-    defaults = {f.name: f.default for f in fm.fields(fm.Config)}
+    defaults = {f.name: f.default for f in fields(fm.Config)}
     for name in ("beta", "clip_low", "clip_high", "kl_coef"):
         default = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=float, default=default,
                        help=f"as in flowrl_min.py (default: {default})")
-    p.add_argument("--length-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="divide log-prob sums by |y| (default: True)")
+    p.add_argument("--length-norm", action=argparse.BooleanOptionalAction,
+                   default=defaults["length_norm"],
+                   help=f"divide log-prob sums by |y| (default: {defaults['length_norm']})")
     a = p.parse_args(argv)
     return check_batch(a.batch, a.beta, a.clip_low, a.clip_high, a.length_norm, a.kl_coef)
 
