@@ -12,7 +12,6 @@ where log π(y|x) = Σ_t log π(y_t | x, y_<t), r̂ is the group-normalised rewa
     python flowrl_min.py --model DIR --algo grpo  # the baseline, everything else identical
     python toy_tasks.py train                     # offline: a tiny model, seconds on a CPU
     python toy_tasks.py                           # FlowRL keeps every mode, GRPO collapses
-    pytest -q
 """
 import argparse
 import copy
@@ -30,7 +29,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 
 if __name__ == "__main__":  # Ctrl-C before training (imports, loading): exit at once, no traceback
@@ -406,7 +405,8 @@ def train(cfg: Config, model: PreTrainedModel, tokenizer, train_ds: Dataset, eva
           ref: PreTrainedModel | None = None, state: dict | None = None) -> list[dict]:
     """The loop; SIGINT/SIGTERM: finish the step, save, exit 128 + signal (twice: exit at once)."""
     device, G = model.device, cfg.group_size
-    _, cfg.dtype, why = pick_device(str(device), cfg.dtype)  # auto resolved, saved so for --resume
+    dtype, why = pick_dtype(device, cfg.dtype)
+    cfg = replace(cfg, dtype=dtype)  # auto resolved: a resumed run keeps this precision
     tqdm.write(f"{cfg.algo} on {device.type} in {cfg.dtype} ({why})", sys.stderr)
     ref = copy.deepcopy(model).requires_grad_(False) if ref is None and not cfg.lora_r else ref
     with torch.random.fork_rng(devices=[]):  # own seed: GRPO and FlowRL sample alike
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None,
         data = load_data(cfg)
         load = lambda c: (*load_model(c.model), *data)
     model, tokenizer, *data = load(cfg)
-    model.to(pick_device(cfg.device)[0])
+    model.to(pick_device(cfg.device))
     if cfg.lora_r and not cfg.resume:
         add_lora(model, cfg.lora_r, cfg.lora_alpha)
     model, ref, state = load_checkpoint(cfg, model) if cfg.resume else (model, None, None)
@@ -587,20 +587,20 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> C
         die(f"--out {cfg.out} is a file or holds a run; pass another --out, --overwrite, --resume")
     return cfg
 
-def pick_device(name: str, dtype: str = "auto",
-                cpuinfo: str = "/proc/cpuinfo") -> tuple[torch.device, str, str]:
-    """--device (default: cuda, else mps, else cpu), --dtype and why; auto: bf16 where the device
-    runs it natively (CUDA capability ≥ 8.0, a CPU Linux lists with avx512_bf16 or amx_bf16)."""
+def pick_device(name: str) -> torch.device:
+    """--device, or the first of cuda, mps and cpu that is available."""
     found = [d for d, m in [("cuda", torch.cuda), ("mps", torch.backends.mps)] if m.is_available()]
-    device = torch.device(name or (found + ["cpu"])[0])
+    return torch.device(name or (found + ["cpu"])[0])
+
+def pick_dtype(device: torch.device, dtype: str, cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
+    """--dtype and why. auto: bf16 on CUDA capability ≥ 8.0 and CPUs with avx512_bf16/amx_bf16."""
     if dtype != "auto":
-        return device, dtype, "as set"
+        return dtype, "as set"
     native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu" and os.path.isfile(cpuinfo):  # Linux's CPU flags
         native = bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", pathlib.Path(cpuinfo).read_text()))
-    if native:
-        return device, "bfloat16", f"auto: this {device.type} runs bf16 natively"
-    return device, "float32", f"auto: no native bf16 found on this {device.type}"
+    dtype = "bfloat16" if native else "float32"
+    return dtype, f"auto: {'' if native else 'no '}native bf16 on this {device.type}"
 # ----------------------------------------------------------------------------- models, files
 def load_model(name: str) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """π_θ (fp32, no dropout), tokenizer: a directory, or a hub id (HF_ENDPOINT, proxies, cache)."""

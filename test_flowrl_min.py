@@ -615,7 +615,7 @@ def test_devices_precision_peak_memory_and_no_float64_on_the_training_path(monke
         rusage = SimpleNamespace(ru_maxrss=maxrss)
         monkeypatch.setattr(fm.resource, "getrusage", lambda who, r=rusage: r)
         assert "peak memory 3.00 GiB" in fm.summarize(history, torch.device("cpu"))
-    device = lambda name: fm.pick_device(name, "float32")[0].type
+    device = lambda name: fm.pick_device(name).type
     assert device("cpu") == "cpu" and device("") == "cpu"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert device("") == "mps"  # Apple's GPU when there is no CUDA
@@ -625,11 +625,13 @@ def test_devices_precision_peak_memory_and_no_float64_on_the_training_path(monke
     (tmp_path / "avx2").write_text("flags\t\t: fpu avx2 avx512f\n")  # "none": not Linux
     for device, cpuinfo, want in (("cpu", "bf16", "bfloat16"), ("cpu", "avx2", "float32"),
                                   ("cpu", "none", "float32"), ("mps", "bf16", "float32")):
-        assert fm.pick_device(device, "auto", str(tmp_path / cpuinfo))[1] == want
+        dtype, why = fm.pick_dtype(torch.device(device), "auto", str(tmp_path / cpuinfo))
+        assert (dtype, why.startswith("auto: native bf16")) == (want, want == "bfloat16")
     for capability, want in (((7, 5), "float32"), ((8, 0), "bfloat16")):  # a T4, an A100
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
-        assert fm.pick_device("cuda", "auto", str(tmp_path / "avx2"))[1] == want
-    assert fm.pick_device("cpu", "float32", str(tmp_path / "bf16"))[1] == "float32"
+        assert fm.pick_dtype(torch.device("cuda"), "auto", str(tmp_path / "avx2"))[0] == want
+    explicit = fm.pick_dtype(torch.device("cpu"), "float32", str(tmp_path / "bf16"))
+    assert explicit == ("float32", "as set")
     monkeypatch.undo()
     # the toy pins fp32: its numbers equal an explicit fp32 run's, where bf16 would change them
     runs = [train(tmp_path / d, f"--steps 3 --eval-every 0 {d}") for d in ("", "--dtype=float32",

@@ -221,7 +221,7 @@ def warm_start(model, tokenizer, seed: int, steps: int = 150, lr: float = 3e-3,
 
 def initial_model(name: str, seed: int, task: str = "modes"):
     """π_ref, tokenizer, on the GPU if any: the tiny model warm-started, or a pretrained one."""
-    device = fm.pick_device("")[0]
+    device = fm.pick_device("")
     if name != "tiny":
         model, tokenizer = fm.load_model(name)
         return model.to(device), tokenizer
