@@ -681,6 +681,12 @@ def test_lora_reference_is_the_base_only_adapters_move_and_peft_reloads_the_chec
     assert torch.equal(fm.reference_logprobs(model, None, r, cfg), base_logp)
     assert not torch.allclose(fm.score(model, r, cfg), base_logp, atol=1e-3)  # the policy moved
     assert model.active_adapters() == ["default"]  # switched back on after scoring π_ref
+    runs, ref_logps = [], tt.task_logprobs(base, tok, "modes")  # toy runs: the adapters' init
+    for rng_before in (1, 2):  # follows --seed, not what ran before (another algorithm's run)
+        torch.manual_seed(rng_before)
+        runs.append(strip(tt.run("modes", "flowrl", copy.deepcopy(base), tok, ref_logps, 0,
+                                 ["--steps", "1", "--lora-r", "4"])))
+    assert runs[0] == runs[1] and runs[0][1]["grad_norm"] > 0
     from peft import PeftModel  # the checkpoint of a run reloads with peft
     out = tmp_path / "run"
     fm.main(["--model", tiny_dir, "--dataset", jsonl, "--lora-r", "4", "--lr", "1e-2", *SMALL,

@@ -251,7 +251,8 @@ def run(task: str, algo: str, model, tokenizer, ref_logps: list[torch.Tensor], s
     cfg = fm.parse_args([*VARIANTS[algo], "--dataset", task, "--seed", str(seed), "--eval-every",
                          "0", "--model", model_name, "--out", f"toy_out/{task}-{algo}-seed{seed}",
                          "--overwrite", *flags], defaults)
-    if cfg.lora_r:
+    if cfg.lora_r:  # the adapters' random init: the same for every algorithm and run order
+        torch.manual_seed(seed)
         fm.add_lora(model, cfg.lora_r, cfg.lora_alpha)
     train_ds, eval_ds, reward_fn = make_task(task)
     def track(step: int, policy) -> dict:
