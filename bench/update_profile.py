@@ -1,0 +1,60 @@
+"""Where one update spends its time, per precision: the default shape's rollout batch (4 arith
+prompts x 8 responses, sampled once in fp32 and kept), one FlowRL update to warm up (AdamW's
+moments exist after it), then one timed and one profiled update (torch.profiler, CPU).
+
+    python bench/update_profile.py MODEL_DIR [--lora-r 16]
+
+Prints ms per response token and the operators with the most self time for fp32 and bf16
+autocast, and the share of the time spent in the matrix products (aten::mm, addmm, bmm).
+"""
+import copy
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.getcwd())
+import flowrl_min as fm
+
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+
+
+def main(model_dir: str, flags: list[str]) -> None:
+    model, tok = fm.load_model(model_dir)
+    cfg0 = fm.parse_args(["--model", model_dir, "--out", "/nonexistent", *flags])
+    if cfg0.lora_r:
+        fm.add_lora(model, cfg0.lora_r, cfg0.lora_alpha)
+    ref = None if cfg0.lora_r else copy.deepcopy(model).requires_grad_(False)
+    eos = fm.eos_token_ids(model, tok)
+    torch.manual_seed(0)
+    kept, _ = fm.rollout(model, tok, fm.arith_dataset(4, 0), fm.math_reward,
+                         replace(cfg0, dtype="float32"), eos, 8)
+    adv = fm.group_normalize(torch.arange(32.0) % 3, 8)  # any non-constant r̂
+    n_tokens = int(kept.mask.sum())
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    for dtype in ("float32", "bfloat16"):
+        cfg = replace(cfg0, dtype=dtype)
+        ref_logp = fm.reference_logprobs(model, ref, kept, cfg)
+        logz = fm.LogZ(model.config.hidden_size)
+        opt, sched = fm.make_optimizer(cfg, model, logz)
+        fm.update(cfg, model, logz, opt, sched, kept, adv, ref_logp, None)  # warm-up
+        start = time.perf_counter()
+        fm.update(cfg, model, logz, opt, sched, kept, adv, ref_logp, None)
+        seconds = time.perf_counter() - start
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fm.update(cfg, model, logz, opt, sched, kept, adv, ref_logp, None)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCTS)
+        print(f"{dtype} {' '.join(flags)}: update {seconds:.1f} s, {1000 * seconds / n_tokens:.1f}"
+              f" ms per response token ({n_tokens} tokens); matrix products "
+              f"{products / 1e6:.1f} s of {total / 1e6:.1f} s profiled")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+        del opt, sched  # AdamW's moments: one set at a time
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
