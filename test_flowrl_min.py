@@ -471,8 +471,8 @@ def test_the_reference_is_a_frozen_copy_and_main_saves_metrics_and_a_reloadable_
     initial = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
     assert reloaded.keys() == initial.keys()
     assert not all(torch.equal(initial[k], v) for k, v in reloaded.items())  # the policy moved
-    state = trainer_state(out)
-    assert state["step"] == 2 and state["config"]["algo"] == "flowrl" and "logz" in state
+    state, auto = trainer_state(out), fm.pick_dtype(torch.device("cpu"), "auto")[0]
+    assert state["step"] == 2 and state["config"]["dtype"] == auto and "logz" in state  # resolved
     fm.LogZ(64).load_state_dict(state["logz"])
     assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]  # no temporary left
     printed = capsys.readouterr().out

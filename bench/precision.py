@@ -45,7 +45,8 @@ def main(model_dir: str, flags: list[str]) -> None:
         t2 = time.perf_counter()
         logz = fm.LogZ(model.config.hidden_size)
         opt, sched = fm.make_optimizer(cfg, model, logz)
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        if cfg.grad_ckpt:  # as train does
+            model.activation_checkpointing_enable({"use_reentrant": False})
         t3 = time.perf_counter()
         fm.update(cfg, model, logz, opt, sched, kept, adv, ref_logp, None)
         gen_s, ref_s, upd_s = t1 - t0, t2 - t1, time.perf_counter() - t3

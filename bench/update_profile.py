@@ -5,7 +5,9 @@ moments exist after it), then one timed and one profiled update (torch.profiler,
     python bench/update_profile.py MODEL_DIR [--lora-r 16]
 
 Prints ms per response token and the operators with the most self time for fp32 and bf16
-autocast, and the share of the time spent in the matrix products (aten::mm, addmm, bmm).
+autocast, and the time in matrix products: the self time of aten::mm, addmm and bmm (the
+backward's and the recompute's included) and of the matmul/linear wrappers around them, not
+the fused attention kernels.
 """
 import copy
 import os
@@ -34,7 +36,8 @@ def main(model_dir: str, flags: list[str]) -> None:
                          replace(cfg0, dtype="float32"), eos, 8)
     adv = fm.group_normalize(torch.arange(32.0) % 3, 8)  # any non-constant r̂
     n_tokens = int(kept.mask.sum())
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    if cfg0.grad_ckpt:  # as train does
+        model.activation_checkpointing_enable({"use_reentrant": False})
     for dtype in ("float32", "bfloat16"):
         cfg = replace(cfg0, dtype=dtype)
         ref_logp = fm.reference_logprobs(model, ref, kept, cfg)
