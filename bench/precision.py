@@ -20,7 +20,10 @@ sys.path.insert(0, os.getcwd())
 import flowrl_min as fm
 
 
-def main(model_dir: str, flags: list[str]) -> None:
+def kept_batch(model_dir: str, flags: list[str]) -> tuple:
+    """model (with adapters if the flags ask), tokenizer, config, π_ref (None with LoRA), EOS ids,
+    the 4 arith prompts, one rollout batch of the default shape sampled in fp32 (seed 0) and a
+    non-constant r̂ for it. bench/update_profile.py uses the same batch."""
     model, tok = fm.load_model(model_dir)
     cfg0 = fm.parse_args(["--model", model_dir, "--out", "/nonexistent", *flags])
     if cfg0.lora_r:
@@ -28,11 +31,16 @@ def main(model_dir: str, flags: list[str]) -> None:
     ref = None if cfg0.lora_r else copy.deepcopy(model).requires_grad_(False)
     eos = fm.eos_token_ids(model, tok)
     rows = fm.arith_dataset(4, 0)
-    questions = [fm.format_prompt(tok, q) for q in rows["question"]]
     torch.manual_seed(0)
     kept, _ = fm.rollout(model, tok, rows, fm.math_reward, replace(cfg0, dtype="float32"), eos,
                          8)
     adv = fm.group_normalize(torch.arange(32.0) % 3, 8)  # any non-constant r̂
+    return model, tok, cfg0, ref, eos, rows, kept, adv
+
+
+def main(model_dir: str, flags: list[str]) -> None:
+    model, tok, cfg0, ref, eos, rows, kept, adv = kept_batch(model_dir, flags)
+    questions = [fm.format_prompt(tok, q) for q in rows["question"]]
     n_tokens = int(kept.mask.sum())
     for dtype in ("float32", "bfloat16"):
         cfg = replace(cfg0, dtype=dtype)

@@ -1,6 +1,6 @@
-"""Where one update spends its time, per precision: the default shape's rollout batch (4 arith
-prompts x 8 responses, sampled once in fp32 and kept), one FlowRL update to warm up (AdamW's
-moments exist after it), then one timed and one profiled update (torch.profiler, CPU).
+"""Where one update spends its time, per precision: bench/precision.py's kept batch (the
+default shape, 4 arith prompts x 8 responses, sampled once in fp32), one FlowRL update to warm
+up (AdamW's moments exist after it), then one timed and one profiled update (torch.profiler).
 
     python bench/update_profile.py MODEL_DIR [--lora-r 16]
 
@@ -9,32 +9,23 @@ autocast, and the time in matrix products: the self time of aten::mm, addmm and 
 backward's and the recompute's included) and of the matmul/linear wrappers around them, not
 the fused attention kernels.
 """
-import copy
 import os
 import sys
 import time
 from dataclasses import replace
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.getcwd())
+from precision import kept_batch  # the same kept batch as bench/precision.py
+
 import flowrl_min as fm
 
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 
 
 def main(model_dir: str, flags: list[str]) -> None:
-    model, tok = fm.load_model(model_dir)
-    cfg0 = fm.parse_args(["--model", model_dir, "--out", "/nonexistent", *flags])
-    if cfg0.lora_r:
-        fm.add_lora(model, cfg0.lora_r, cfg0.lora_alpha)
-    ref = None if cfg0.lora_r else copy.deepcopy(model).requires_grad_(False)
-    eos = fm.eos_token_ids(model, tok)
-    torch.manual_seed(0)
-    kept, _ = fm.rollout(model, tok, fm.arith_dataset(4, 0), fm.math_reward,
-                         replace(cfg0, dtype="float32"), eos, 8)
-    adv = fm.group_normalize(torch.arange(32.0) % 3, 8)  # any non-constant r̂
+    model, _, cfg0, ref, _, _, kept, adv = kept_batch(model_dir, flags)
     n_tokens = int(kept.mask.sum())
     if cfg0.grad_ckpt:  # as train does
         model.activation_checkpointing_enable({"use_reentrant": False})
