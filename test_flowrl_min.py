@@ -472,7 +472,7 @@ def test_the_reference_is_a_frozen_copy_and_main_saves_metrics_and_a_reloadable_
     assert reloaded.keys() == initial.keys()
     assert not all(torch.equal(initial[k], v) for k, v in reloaded.items())  # the policy moved
     state, auto = trainer_state(out), fm.pick_dtype(torch.device("cpu"), "auto")[0]
-    assert state["step"] == 2 and state["config"]["dtype"] == auto and "logz" in state  # resolved
+    assert (state["step"], state["config"]["algo"], state["config"]["dtype"]) == (2, "flowrl", auto)
     fm.LogZ(64).load_state_dict(state["logz"])
     assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]  # no temporary left
     printed = capsys.readouterr().out
